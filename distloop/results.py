@@ -1,0 +1,514 @@
+"""ResultCollection: what ``self.log`` accumulates, and its sync across ranks.
+
+Each logged name keeps, on the value's device, a step value (the latest one logged)
+and, when ``on_epoch``, an accumulator that starts from the reduction's identity (0 for
+sum and mean, -inf for max, +inf for min). A mean is weighted by batch size; the weight
+is a host-side float, so logging costs one small kernel and no host-device sync.
+
+Nothing is reduced across ranks while logging. A sync point (a consumer reading the
+values, or a checkpoint) reduces every pending value together: one small collective
+checks that all ranks hold the same keys, then one flat buffer per (reduce op, dtype)
+is reduced. A rank mismatch raises an error on every rank instead of hanging.
+
+Values logged with ``sync_dist=False`` stay rank-local, as in Lightning: loggers write
+rank zero's. A checkpoint therefore syncs only ``sync_dist`` values and keeps rank
+zero's own for the others, so what is logged after a resume equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from distloop.errors import MisconfigurationError
+
+SyncFn = Callable[[Tensor, str], Tensor]
+
+_REDUCE_FX: dict[Any, str] = {
+    "mean": "mean",
+    "avg": "mean",
+    "sum": "sum",
+    "max": "max",
+    "min": "min",
+    torch.mean: "mean",
+    torch.sum: "sum",
+    torch.max: "max",
+    torch.min: "min",
+}
+_IDENTITY = {"mean": 0.0, "sum": 0.0, "max": -math.inf, "min": math.inf}
+_STATE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class _Meta:
+    fx: str
+    name: str
+    on_step: bool
+    on_epoch: bool
+    reduce_fx: str
+    sync_dist: bool
+    prog_bar: bool
+    logger: bool
+    metric_attribute: str | None
+
+    @property
+    def forked(self) -> bool:
+        """Both step and epoch values are reported, as ``name_step`` and ``name_epoch``."""
+        return self.on_step and self.on_epoch
+
+
+class _Result:
+    """One logged name: its step value, epoch accumulator, or Metric object."""
+
+    __slots__ = ("meta", "args", "last", "value", "weight", "metric")
+
+    def __init__(self, meta: _Meta, args: tuple) -> None:
+        self.meta = meta
+        self.args = args
+        self.last: Tensor | None = None
+        self.value: Tensor | None = None
+        self.weight: float | Tensor = 0.0
+        self.metric: Metric | None = None
+
+    def accumulate(self, v: Tensor, batch_size: int | float | Tensor) -> None:
+        op = self.meta.reduce_fx
+        acc = self.value
+        if acc is None:
+            dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
+            self.value = v.to(dtype) * batch_size if op == "mean" else v.to(dtype, copy=True)
+            self.weight = batch_size if isinstance(batch_size, Tensor) else float(batch_size)
+        elif op == "mean":
+            if isinstance(batch_size, Tensor):
+                acc.add_(v * batch_size)
+            else:
+                acc.add_(v, alpha=batch_size)
+            self.weight = self.weight + batch_size
+        elif op == "sum":
+            acc.add_(v)
+        elif op == "max":
+            torch.maximum(acc, v, out=acc)
+        else:
+            torch.minimum(acc, v, out=acc)
+
+    def epoch_value(self) -> Tensor | None:
+        if self.value is None:
+            return None
+        if self.meta.reduce_fx == "mean":
+            return self.value / self.weight
+        return self.value
+
+    def reset(self) -> None:
+        self.last = None
+        if self.value is not None:
+            self.value.fill_(_IDENTITY[self.meta.reduce_fx])
+            self.weight = 0.0
+
+
+class ResultCollection:
+    """What one loop kind (train / validation / test) has logged.
+
+    ``sync_fn(tensor, reduce_op)`` reduces a tensor across ranks (the Strategy's
+    ``reduce``); without one the collection is single-process and never communicates.
+    """
+
+    def __init__(self, training: bool = False, device: torch.device | str | None = None) -> None:
+        self.training = training
+        self.device = torch.device(device) if device is not None else None
+        self.sync_fn: SyncFn | None = None
+        self._items: dict[str, _Result] = {}
+        self._synced = False
+        self._unsynced_state: dict[str, tuple[Tensor | None, float | Tensor]] = {}
+        self._layout_cache: tuple[tuple, int] | None = None
+
+    # ------------------------------------------------------------------ logging
+    def log(
+        self,
+        fx: str,
+        name: str,
+        value: Any,
+        *,
+        on_step: bool = False,
+        on_epoch: bool = True,
+        reduce_fx: str | Callable = "mean",
+        sync_dist: bool = False,
+        prog_bar: bool = False,
+        logger: bool = True,
+        batch_size: int | Tensor | None = None,
+        metric_attribute: str | None = None,
+    ) -> None:
+        """Record ``value`` under ``name`` as logged from hook ``fx``.
+
+        This is the hot path: it issues at most one small kernel and never moves a
+        value to the host.
+        """
+        key = fx + "." + name
+        args = (on_step, on_epoch, reduce_fx, sync_dist, prog_bar, logger, metric_attribute)
+        result = self._items.get(key)
+        if result is None:
+            result = self._new_result(key, fx, name, value, args)
+        elif result.args != args:
+            meta = self._make_meta(fx, name, value, args)
+            if meta != result.meta:
+                raise MisconfigurationError(
+                    f"`self.log({name!r}, ...)` was called twice in `{fx}` with different "
+                    f"arguments ({_describe(result.meta)} then {_describe(meta)}); log it with "
+                    "the same arguments each time, or under another name."
+                )
+            result.args = args
+        if result.metric is not None or isinstance(value, Metric):
+            if not isinstance(value, Metric):
+                raise MisconfigurationError(
+                    f"`{name}` was logged as a torchmetrics Metric in `{fx}` and then as "
+                    f"{type(value).__name__}; log one kind of value per name."
+                )
+            result.metric = value
+            return
+        v = self._to_tensor(name, value)
+        result.last = v
+        if on_epoch:
+            result.accumulate(v, 1 if batch_size is None else batch_size)
+
+    def _new_result(self, key: str, fx: str, name: str, value: Any, args: tuple) -> _Result:
+        result = _Result(self._make_meta(fx, name, value, args), args)
+        self._items[key] = result
+        self._layout_cache = None
+        return result
+
+    @staticmethod
+    def _make_meta(fx: str, name: str, value: Any, args: tuple) -> _Meta:
+        on_step, on_epoch, reduce_fx, sync_dist, prog_bar, logger, metric_attribute = args
+        if not isinstance(name, str) or not name:
+            raise MisconfigurationError(f"A logged name must be a non-empty string, got {name!r}.")
+        if not (on_step or on_epoch):
+            raise MisconfigurationError(
+                f"`self.log({name!r}, ..., on_step=False, on_epoch=False)` would log nothing: "
+                "set `on_step=True` or `on_epoch=True`."
+            )
+        op = _REDUCE_FX.get(reduce_fx) if not isinstance(reduce_fx, str) else _REDUCE_FX.get(reduce_fx.lower())
+        if op is None:
+            raise MisconfigurationError(
+                f"`reduce_fx={reduce_fx!r}` for `{name}` is not supported: use 'mean', 'sum', "
+                "'max' or 'min' (or torch.mean / torch.sum / torch.max / torch.min)."
+            )
+        if isinstance(value, Metric) and metric_attribute is None:
+            raise MisconfigurationError(
+                f"`{name}` is a torchmetrics Metric: pass `metric_attribute`, the name under "
+                "which the module holds it, so its state can be restored from a checkpoint."
+            )
+        return _Meta(fx, name, bool(on_step), bool(on_epoch), op, bool(sync_dist),
+                     bool(prog_bar), bool(logger), metric_attribute)
+
+    def _to_tensor(self, name: str, value: Any) -> Tensor:
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise MisconfigurationError(
+                    f"`self.log({name!r}, value)` needs a scalar; got a tensor of shape "
+                    f"{tuple(value.shape)}. Reduce it first, e.g. `value.mean()`."
+                )
+            v = value.detach()
+            if v.ndim:
+                v = v.reshape(())
+            if not v.is_floating_point():
+                v = v.to(torch.get_default_dtype())
+            return v
+        if isinstance(value, (int, float)):
+            return torch.tensor(float(value), device=self.device)
+        raise MisconfigurationError(
+            f"`self.log({name!r}, value)` takes a number, a scalar tensor or a torchmetrics "
+            f"Metric; got {type(value).__name__}."
+        )
+
+    # ------------------------------------------------------------------ reading
+    def metrics(self, on_step: bool) -> dict[str, dict[str, Tensor]]:
+        """The step (``on_step=True``) or epoch values, split by consumer.
+
+        Returns ``{"log": ..., "pbar": ..., "callback": ...}``. ``sync_dist`` values are
+        reduced across ranks here, all together: every rank must call this at the same
+        point.
+        """
+        requests: list[tuple[str, str, Tensor | float, torch.dtype]] = []
+        read: list[tuple[_Result, str]] = []
+        for key, r in self._items.items():
+            if not (r.meta.on_step if on_step else r.meta.on_epoch):
+                continue
+            read.append((r, key))
+            if r.metric is not None or not r.meta.sync_dist:
+                continue
+            if on_step:
+                if r.last is not None:
+                    requests.append((key, r.meta.reduce_fx, r.last, r.last.dtype))
+            elif r.value is not None:
+                requests.extend(_accumulator_requests(key, r))
+        reduced = self._reduce(requests)
+
+        out: dict[str, dict[str, Tensor]] = {"log": {}, "pbar": {}, "callback": {}}
+        for r, key in read:
+            value = self._read_value(r, key, on_step, reduced)
+            if value is None:
+                continue
+            meta = r.meta
+            forked = meta.name + ("_step" if on_step else "_epoch") if meta.forked else meta.name
+            if meta.logger:
+                out["log"][forked] = value
+            if self.training or not on_step:
+                out["callback"][meta.name] = value
+                out["callback"][forked] = value
+            if meta.prog_bar:
+                out["pbar"][forked] = value
+        return out
+
+    @staticmethod
+    def _read_value(r: _Result, key: str, on_step: bool, reduced: dict[str, Tensor]) -> Tensor | None:
+        if r.metric is not None:
+            if on_step:
+                cache = r.metric._forward_cache
+                return cache if isinstance(cache, Tensor) else None
+            with warnings.catch_warnings():
+                # A rank reset after a resume may compute before its next update.
+                warnings.simplefilter("ignore", UserWarning)
+                return r.metric.compute()
+        if on_step:
+            return reduced.get(key, r.last)
+        if key in reduced:
+            if r.meta.reduce_fx == "mean":
+                return reduced[key] / reduced[key + "#weight"]
+            return reduced[key]
+        return r.epoch_value()
+
+    # ------------------------------------------------------------------ sync
+    def sync(self) -> None:
+        """Replace every ``sync_dist`` accumulator by its cross-rank reduction (for a checkpoint).
+
+        A collective: every rank must call it. ``unsync`` restores the local values.
+        """
+        if self._synced:
+            return
+        requests = []
+        for key, r in self._items.items():
+            if r.metric is None and r.meta.sync_dist and r.value is not None:
+                requests.extend(_accumulator_requests(key, r))
+        reduced = self._reduce(requests)
+        self._unsynced_state = {}
+        for key, r in self._items.items():
+            if key in reduced:
+                self._unsynced_state[key] = (r.value, r.weight)
+                r.value = reduced[key]
+                if r.meta.reduce_fx == "mean":
+                    r.weight = reduced[key + "#weight"]
+        for metric in self._metrics():
+            if not metric._is_synced:
+                metric.sync()
+        self._synced = True
+
+    def unsync(self) -> None:
+        """Undo ``sync``: back to this rank's own values."""
+        if not self._synced:
+            return
+        for key, (value, weight) in self._unsynced_state.items():
+            self._items[key].value = value
+            self._items[key].weight = weight
+        self._unsynced_state = {}
+        for metric in self._metrics():
+            if metric._is_synced:
+                metric.unsync()
+        self._synced = False
+
+    def _metrics(self) -> list[Metric]:
+        seen: dict[int, Metric] = {}
+        for r in self._items.values():
+            if r.metric is not None:
+                seen[id(r.metric)] = r.metric
+        return list(seen.values())
+
+    def _reduce(self, requests: list[tuple[str, str, Tensor | float, torch.dtype]]) -> dict[str, Tensor]:
+        """Reduce all requests across ranks: one key check, then one buffer per (op, dtype).
+
+        A request is ``(key, op, value, dtype)``; host floats (mean weights) travel in
+        the buffer of their value's dtype, so a mean costs no extra collective.
+        """
+        if self.sync_fn is None:
+            return {}
+        layout = tuple((key, op, str(dtype)) for key, op, _, dtype in requests)
+        device = next((t.device for _, _, t, _ in requests if isinstance(t, Tensor)), self.device)
+        device = device or torch.device("cpu")
+        self._check_layout(layout, device)
+
+        groups: dict[tuple[str, torch.dtype], list[tuple[str, Tensor | float]]] = {}
+        for key, op, t, dtype in requests:
+            groups.setdefault(("sum" if op == "mean" else op, dtype), []).append((key, t))
+        means = {key for key, op, _, _ in requests if op == "mean"}
+        out: dict[str, Tensor] = {}
+        for (op, dtype), items in groups.items():
+            floats = [t for _, t in items if not isinstance(t, Tensor)]
+            with_world = op == "sum" and bool(means)
+            if with_world:
+                # A 1 per rank: its sum is the world size, which turns the sum of
+                # step values into their mean without another collective.
+                floats.append(1.0)
+            host = torch.tensor(floats, dtype=dtype, device=device) if floats else None
+            parts, i_float = [], 0
+            for _, t in items:
+                if isinstance(t, Tensor):
+                    parts.append(t.to(dtype).reshape(1))
+                else:
+                    parts.append(host[i_float : i_float + 1])
+                    i_float += 1
+            if with_world:
+                parts.append(host[-1:])
+            reduced = self.sync_fn(torch.cat(parts), op)
+            for i, (key, _) in enumerate(items):
+                out[key] = reduced[i] / reduced[-1] if key in means else reduced[i]
+        return out
+
+    def _check_layout(self, layout: tuple, device: torch.device) -> None:
+        if self._layout_cache is not None and self._layout_cache[0] == layout:
+            digest = self._layout_cache[1]
+        else:
+            digest = int.from_bytes(hashlib.blake2b(repr(layout).encode(), digest_size=7).digest(), "big")
+            self._layout_cache = (layout, digest)
+        check = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
+        hi, neg_lo = self.sync_fn(check, "max").tolist()
+        if hi != -neg_lo:
+            _raise_layout_mismatch(layout)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Plain data and tensors; Metric objects are replaced by their states."""
+        items = {}
+        for key, r in self._items.items():
+            item: dict[str, Any] = {"meta": asdict(r.meta)}
+            if r.metric is not None:
+                item["metric_state"] = _metric_state(r.metric)
+            else:
+                item["value"] = r.value
+                item["weight"] = r.weight
+            items[key] = item
+        return {"format": _STATE_FORMAT, "synced": self._synced, "items": items}
+
+    def load_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        metrics: dict[str, Metric] | None = None,
+        sync_fn: SyncFn | None = None,
+    ) -> None:
+        """Restore ``state_dict``, re-attaching Metric objects by ``metric_attribute``."""
+        if sync_fn is not None:
+            self.sync_fn = sync_fn
+        self._items = {}
+        self._layout_cache = None
+        self._synced = False
+        metrics = metrics or {}
+        for key, item in state_dict["items"].items():
+            meta = _Meta(**item["meta"])
+            args = (meta.on_step, meta.on_epoch, meta.reduce_fx, meta.sync_dist, meta.prog_bar,
+                    meta.logger, meta.metric_attribute)
+            r = _Result(meta, args)
+            if "metric_state" in item:
+                metric = metrics.get(meta.metric_attribute)
+                if metric is None:
+                    raise MisconfigurationError(
+                        f"The checkpoint holds the state of torchmetrics Metric "
+                        f"`{meta.metric_attribute}` (logged as `{meta.name}`), but the module has no "
+                        f"Metric of that name; known: {sorted(metrics)}. Pass it with `metrics=`."
+                    )
+                _load_metric_state(metric, item["metric_state"])
+                r.metric = metric
+            else:
+                value = item["value"]
+                if value is not None and self.device is not None:
+                    value = value.to(self.device)
+                r.value = value
+                r.weight = item["weight"]
+            self._items[key] = r
+
+    def reset(self, metrics: bool | None = None, fx: str | None = None) -> None:
+        """Reset values to the reduction's identity; keep the logged keys.
+
+        ``metrics=None`` resets tensors and Metric objects, ``False`` only tensors,
+        ``True`` only Metric objects. ``fx`` limits it to one hook's values.
+        """
+        for r in self._items.values():
+            if fx is not None and r.meta.fx != fx:
+                continue
+            if r.metric is not None:
+                if metrics is not False:
+                    r.metric.reset()
+            elif metrics is not True:
+                r.reset()
+
+    def clear(self) -> None:
+        """Forget every logged key: what a new epoch starts from."""
+        self._items.clear()
+        self._layout_cache = None
+
+    def keys(self) -> list[str]:
+        return list(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return f"ResultCollection(training={self.training}, keys={self.keys()})"
+
+
+def _accumulator_requests(key: str, r: _Result) -> list[tuple[str, str, Tensor | float, torch.dtype]]:
+    dtype = r.value.dtype
+    if r.meta.reduce_fx == "mean":
+        return [(key, "sum", r.value, dtype), (key + "#weight", "sum", r.weight, dtype)]
+    return [(key, r.meta.reduce_fx, r.value, dtype)]
+
+
+def _describe(meta: _Meta) -> str:
+    return (f"on_step={meta.on_step}, on_epoch={meta.on_epoch}, reduce_fx={meta.reduce_fx!r}, "
+            f"sync_dist={meta.sync_dist}, prog_bar={meta.prog_bar}, logger={meta.logger}")
+
+
+def _raise_layout_mismatch(layout: tuple) -> None:
+    """Every rank gets here together: name what differs, per rank, then raise."""
+    import torch.distributed as dist
+
+    mine = [f"{key} ({op}, {dtype})" for key, op, dtype in layout]
+    if dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        every = sorted(set().union(*map(set, gathered)))
+        lines = [
+            f"  {entry}: present on ranks {[i for i, g in enumerate(gathered) if entry in g]}, "
+            f"missing on ranks {[i for i, g in enumerate(gathered) if entry not in g]}"
+            for entry in every
+            if not all(entry in g for g in gathered)
+        ]
+        detail = "\n".join(lines)
+        rank = dist.get_rank()
+    else:
+        detail = "  this rank holds: " + ", ".join(mine)
+        rank = 0
+    raise MisconfigurationError(
+        f"Rank {rank}: the ranks logged different values to sync (name, reduction, dtype):\n"
+        f"{detail}\nLog the same names with the same dtype on every rank before a sync point "
+        "(or log rank-specific values with `sync_dist=False`)."
+    )
+
+
+def _metric_state(metric: Metric) -> dict[str, Any]:
+    state: dict[str, Any] = dict(metric.metric_state)
+    state["_update_count"] = metric._update_count
+    return state
+
+
+def _load_metric_state(metric: Metric, state: dict[str, Any]) -> None:
+    for name, value in state.items():
+        if name == "_update_count":
+            metric._update_count = value
+        elif isinstance(value, list):
+            setattr(metric, name, [v.to(metric.device) for v in value])
+        else:
+            setattr(metric, name, value.to(metric.device))
+    metric._computed = None

@@ -1,0 +1,59 @@
+"""Run a function on N gloo ranks in spawned processes, with a deadline on everything."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def gloo_reduce(tensor: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
+    """A minimal sync function over the default gloo group."""
+    out = tensor.clone()
+    dist.all_reduce(out, op=_OPS[reduce_op])
+    if reduce_op == "mean":
+        out = out / dist.get_world_size()
+    return out
+
+
+def _entry(rank: int, fn: Callable, world_size: int, port: int, pg_timeout: float, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout)
+    )
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 90, pg_timeout: float = 30) -> None:
+    """Run ``fn(rank, world_size, *args)`` on each rank; re-raise the first failure."""
+    ctx = mp.start_processes(
+        _entry,
+        args=(fn, world_size, free_port(), pg_timeout, args),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=0.5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            raise TimeoutError(f"ranks did not finish within {timeout}s")

@@ -1,0 +1,204 @@
+import io
+import math
+
+import pytest
+import torch
+from torchmetrics import MeanMetric
+
+from distloop import MisconfigurationError, ResultCollection
+
+
+def _counting_identity():
+    calls = []
+
+    def sync_fn(tensor, reduce_op="mean"):
+        calls.append((reduce_op, tensor.dtype, tensor.numel()))
+        return tensor.clone()
+
+    return sync_fn, calls
+
+
+def test_epoch_mean_is_weighted_by_batch_size():
+    r = ResultCollection(training=True)
+    r.log("training_step", "loss", torch.tensor(1.0), on_step=False, on_epoch=True, batch_size=1)
+    r.log("training_step", "loss", torch.tensor(4.0), on_step=False, on_epoch=True, batch_size=3)
+    value = r.metrics(on_step=False)["log"]["loss"]
+    assert value.item() == pytest.approx((1.0 * 1 + 4.0 * 3) / 4)
+
+
+def test_integer_values_never_floor():
+    r = ResultCollection()
+    r.log("validation_step", "correct", torch.tensor(1), batch_size=2)
+    r.log("validation_step", "correct", torch.tensor(2), batch_size=2)
+    value = r.metrics(on_step=False)["log"]["correct"]
+    assert value.is_floating_point() and value.item() == 1.5
+
+
+def test_float64_keeps_a_float64_accumulator():
+    r = ResultCollection()
+    r.log("validation_step", "x", torch.tensor(1.0 + 1e-12, dtype=torch.float64))
+    r.log("validation_step", "x", torch.tensor(1.0, dtype=torch.float64))
+    value = r.metrics(on_step=False)["log"]["x"]
+    assert value.dtype == torch.float64 and value.item() == 1.0 + 0.5e-12
+
+
+@pytest.mark.parametrize("fx, expected", [("max", 3.0), ("min", -2.0), ("sum", 2.0), (torch.max, 3.0)])
+def test_reductions(fx, expected):
+    r = ResultCollection()
+    for v in (1.0, 3.0, -2.0):
+        r.log("validation_step", "v", v, reduce_fx=fx)
+    assert r.metrics(on_step=False)["log"]["v"].item() == expected
+
+
+def test_reset_fills_the_reduction_identity():
+    r = ResultCollection()
+    for name, fx in (("a", "max"), ("b", "min"), ("c", "sum"), ("d", "mean")):
+        r.log("validation_step", name, 5.0, reduce_fx=fx)
+    r.reset()
+    state = r.state_dict()["items"]
+    assert state["validation_step.a"]["value"].item() == -math.inf
+    assert state["validation_step.b"]["value"].item() == math.inf
+    assert state["validation_step.c"]["value"].item() == 0.0
+    assert state["validation_step.d"]["value"].item() == 0.0 and state["validation_step.d"]["weight"] == 0
+    r.log("validation_step", "a", -7.0, reduce_fx="max")
+    assert r.metrics(on_step=False)["log"]["a"].item() == -7.0
+
+
+def test_step_and_epoch_names_and_consumers():
+    r = ResultCollection(training=True)
+    r.log("training_step", "loss", torch.tensor(2.0), on_step=True, on_epoch=True, prog_bar=True)
+    r.log("training_step", "lr", 0.1, on_step=True, on_epoch=False, logger=False, prog_bar=True)
+    r.log("training_step", "acc", 0.5, on_step=False, on_epoch=True)
+    step = r.metrics(on_step=True)
+    assert set(step["log"]) == {"loss_step"}
+    assert set(step["pbar"]) == {"loss_step", "lr"}
+    assert set(step["callback"]) == {"loss", "loss_step", "lr"}
+    epoch = r.metrics(on_step=False)
+    assert set(epoch["log"]) == {"loss_epoch", "acc"}
+    assert set(epoch["callback"]) == {"loss", "loss_epoch", "acc"}
+
+
+def test_evaluation_step_values_do_not_reach_callbacks():
+    r = ResultCollection(training=False)
+    r.log("validation_step", "v", 1.0, on_step=True, on_epoch=True)
+    assert r.metrics(on_step=True)["callback"] == {}
+    assert set(r.metrics(on_step=True)["log"]) == {"v_step"}
+
+
+def test_logging_does_not_move_values_to_the_host(monkeypatch):
+    r = ResultCollection(training=True)
+    r.log("training_step", "loss", torch.tensor(1.0), on_step=True, on_epoch=True, batch_size=8)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync on the logging hot path")
+
+    monkeypatch.setattr(torch.Tensor, "item", forbidden)
+    monkeypatch.setattr(torch.Tensor, "cpu", forbidden)
+    monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+    for _ in range(5):
+        r.log("training_step", "loss", torch.tensor(1.0), on_step=True, on_epoch=True, batch_size=8)
+
+
+@pytest.mark.parametrize(
+    "kwargs, value, match",
+    [
+        ({"reduce_fx": "median"}, 1.0, "reduce_fx"),
+        ({"on_step": False, "on_epoch": False}, 1.0, "log nothing"),
+        ({}, torch.ones(3), "scalar"),
+        ({}, "text", "number"),
+    ],
+)
+def test_bad_log_calls_say_what_to_change(kwargs, value, match):
+    r = ResultCollection()
+    with pytest.raises(MisconfigurationError, match=match):
+        r.log("training_step", "x", value, **kwargs)
+
+
+def test_logging_one_name_with_other_arguments_raises():
+    r = ResultCollection()
+    r.log("training_step", "x", 1.0, reduce_fx="sum")
+    r.log("training_step", "x", 1.0, reduce_fx=torch.sum)  # same meaning: fine
+    with pytest.raises(MisconfigurationError, match="different arguments"):
+        r.log("training_step", "x", 1.0, reduce_fx="max")
+
+
+def test_metric_objects_need_an_attribute_name():
+    with pytest.raises(MisconfigurationError, match="metric_attribute"):
+        ResultCollection().log("validation_step", "m", MeanMetric())
+
+
+def test_metric_state_survives_a_weights_only_round_trip():
+    metric = MeanMetric()
+    metric.update(torch.tensor([1.0, 2.0, 3.0]))
+    r = ResultCollection()
+    r.log("validation_step", "m", metric, metric_attribute="m")
+    buf = io.BytesIO()
+    torch.save(r.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+
+    fresh = MeanMetric()
+    restored = ResultCollection()
+    restored.load_state_dict(state, metrics={"m": fresh})
+    assert fresh.compute().item() == 2.0
+    fresh.update(torch.tensor([6.0]))
+    assert restored.metrics(on_step=False)["log"]["m"].item() == 3.0
+    with pytest.raises(MisconfigurationError, match="no Metric of that name"):
+        ResultCollection().load_state_dict(state, metrics={})
+
+
+def test_sync_of_twenty_metrics_costs_one_collective_per_op_and_dtype_plus_one():
+    sync_fn, calls = _counting_identity()
+    r = ResultCollection(training=True)
+    r.sync_fn = sync_fn
+    for i in range(20):
+        r.log("training_step", f"m{i}", torch.tensor(float(i)), on_step=True, on_epoch=True, sync_dist=True)
+    r.sync()
+    assert len(calls) == 2  # key check + one float32 sum buffer (values and weights)
+    assert calls[1] == ("sum", torch.float32, 40)
+    r.unsync()
+
+    calls.clear()
+    r.log("training_step", "peak", 1.0, reduce_fx="max", sync_dist=True)
+    r.log("training_step", "wide", torch.tensor(1.0, dtype=torch.float64), sync_dist=True)
+    r.metrics(on_step=True)
+    assert len(calls) == 2  # only the 20 step values: check + one sum buffer with the world-size slot
+    assert calls[1] == ("sum", torch.float32, 21)
+    calls.clear()
+    r.metrics(on_step=False)
+    assert len(calls) == 1 + 3
+
+
+def test_sync_and_unsync_swap_values_and_keep_local_ones():
+    def doubling(tensor, reduce_op="mean"):
+        return tensor if tensor.dtype == torch.int64 else tensor * 2
+
+    r = ResultCollection()
+    r.sync_fn = doubling
+    r.log("validation_step", "s", 3.0, reduce_fx="sum", sync_dist=True)
+    r.log("validation_step", "local", 3.0, reduce_fx="sum")
+    r.sync()
+    state = r.state_dict()
+    assert state["synced"] is True
+    assert state["items"]["validation_step.s"]["value"].item() == 6.0
+    assert state["items"]["validation_step.local"]["value"].item() == 3.0
+    r.unsync()
+    assert r.state_dict()["synced"] is False
+    assert r.state_dict()["items"]["validation_step.s"]["value"].item() == 3.0
+
+
+def test_step_mean_across_ranks_uses_the_world_size_from_the_same_buffer():
+    def two_ranks_same_values(tensor, reduce_op="mean"):
+        return tensor if tensor.dtype == torch.int64 else tensor * 2
+
+    r = ResultCollection(training=True)
+    r.sync_fn = two_ranks_same_values
+    r.log("training_step", "loss", torch.tensor(5.0), on_step=True, on_epoch=False, sync_dist=True)
+    assert r.metrics(on_step=True)["log"]["loss"].item() == 5.0
+
+
+def test_clear_forgets_keys():
+    r = ResultCollection()
+    r.log("validation_step", "x", 1.0)
+    r.clear()
+    assert len(r) == 0 and r.metrics(on_step=False)["log"] == {}
