@@ -444,7 +444,9 @@ class ResultCollection:
                 r.reset()
 
     def clear(self) -> None:
-        """Forget every logged key: what a new epoch starts from."""
+        """Forget every logged key and reset logged Metric objects: what a new epoch starts from."""
+        for metric in self._metrics():
+            metric.reset()
         self._items.clear()
         self._layout_cache = None
 

@@ -1,0 +1,3 @@
+from distloop.cli import main
+
+main()

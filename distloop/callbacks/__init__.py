@@ -1,0 +1,7 @@
+"""Callbacks: hooks around the module's own, plus early stopping and the progress bar."""
+
+from distloop.callbacks.callback import Callback
+from distloop.callbacks.early_stopping import EarlyStopping
+from distloop.callbacks.progress import ProgressBar
+
+__all__ = ["Callback", "EarlyStopping", "ProgressBar"]

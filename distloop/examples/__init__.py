@@ -1,0 +1,1 @@
+"""Built-in examples: the default `distloop` job trains ``digits``."""

@@ -1,0 +1,63 @@
+"""Dispatch of a hook to the module and the callbacks that override it.
+
+Module first, then callbacks, so a callback sees what the module logged in the same
+hook. A hook that nobody overrides costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from distloop.callbacks.callback import Callback
+from distloop.module import LoopModule
+
+
+class Hooks:
+    def __init__(self, trainer: Any, module: LoopModule, callbacks: list[Callback]) -> None:
+        self._trainer = trainer
+        self._module = module
+        self._callbacks = callbacks
+        self._module_fns: dict[str, Callable | None] = {}
+        self._callback_fns: dict[str, list[Callable]] = {}
+
+    def module(self, name: str, *args: Any) -> Any:
+        fn = self._module_fns.get(name, False)
+        if fn is False:
+            fn = _overridden(self._module, LoopModule, name)
+            self._module_fns[name] = fn
+        if fn is None:
+            return None
+        module = self._module
+        previous = module._current_fx
+        module._current_fx = name
+        try:
+            return fn(*args)
+        finally:
+            module._current_fx = previous
+
+    def callbacks(self, name: str, *args: Any) -> None:
+        fns = self._callback_fns.get(name)
+        if fns is None:
+            fns = [fn for cb in self._callbacks if (fn := _overridden(cb, Callback, name)) is not None]
+            self._callback_fns[name] = fns
+        if not fns:
+            return
+        module = self._module
+        previous = module._current_fx
+        module._current_fx = name
+        try:
+            for fn in fns:
+                fn(self._trainer, module, *args)
+        finally:
+            module._current_fx = previous
+
+    def __call__(self, name: str, *args: Any) -> Any:
+        out = self.module(name, *args)
+        self.callbacks(name, *args)
+        return out
+
+
+def _overridden(obj: Any, base: type, name: str) -> Callable | None:
+    if getattr(type(obj), name, None) is getattr(base, name, None):
+        return None
+    return getattr(obj, name)

@@ -1,0 +1,70 @@
+"""Fit loop: epochs of training until a stop condition, with a sanity check of validation first."""
+
+from __future__ import annotations
+
+from distloop.loops.loop import Loop
+from distloop.loops.training_epoch import TrainingEpochLoop
+from distloop.progress import Progress
+
+
+class FitLoop(Loop):
+    """``advance`` = one epoch: ``epoch_loop.run(train_dataloader)``, then the epoch-end hooks."""
+
+    def __init__(self, min_epochs: int = 0, max_epochs: int = 1000) -> None:
+        super().__init__()
+        self.min_epochs = min_epochs
+        self.max_epochs = max_epochs
+        self.epoch_progress = Progress()
+        self.epoch_loop = TrainingEpochLoop()
+
+    def connect(self, epoch_loop: TrainingEpochLoop | None = None) -> None:
+        if epoch_loop is not None:
+            self.epoch_loop = epoch_loop
+
+    @property
+    def done(self) -> bool:
+        trainer = self.trainer
+        epochs = self.epoch_progress.current.processed
+        if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+            return True
+        if self.max_epochs != -1 and epochs >= self.max_epochs:
+            return True
+        return trainer.should_stop and epochs >= self.min_epochs
+
+    @property
+    def skip(self) -> bool:
+        return self.trainer.num_training_batches == 0
+
+    def reset(self) -> None:
+        if self.restarting:
+            self.epoch_progress.reset_on_restart()
+
+    def on_run_start(self) -> None:
+        trainer = self.trainer
+        if not self.restarting:
+            trainer.run_sanity_check(self.epoch_loop.val_loop)
+        trainer.hooks("on_train_start")
+
+    def on_advance_start(self) -> None:
+        trainer = self.trainer
+        self.epoch_progress.increment_ready()
+        trainer.set_data_epoch(self.epoch_progress.current.completed)
+        trainer.hooks("on_train_epoch_start")
+        self.epoch_progress.increment_started()
+
+    def advance(self) -> None:
+        self.epoch_loop.run(self.trainer.train_dataloader)
+
+    def on_advance_end(self) -> None:
+        trainer = self.trainer
+        self.epoch_progress.increment_processed()
+        trainer.hooks.module("on_train_epoch_end")
+        trainer.check_finite_loss(self.epoch_loop.optimization.last_loss)
+        trainer.read_metrics(self.epoch_loop.results, on_step=False)
+        trainer.hooks.callbacks("on_train_epoch_end")
+        trainer.step_schedulers("epoch")
+        trainer.should_stop = trainer.strategy.reduce_boolean_decision(trainer.should_stop, all=False)
+        self.epoch_progress.increment_completed()
+
+    def on_run_end(self) -> None:
+        self.trainer.hooks("on_train_end")

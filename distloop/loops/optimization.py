@@ -1,0 +1,83 @@
+"""Automatic optimization: forward, backward, accumulation, clipping, optimizer and scheduler steps.
+
+A plain object owned by the training-epoch loop, not another loop level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distloop.errors import MisconfigurationError
+from distloop.progress import OptimizationProgress
+
+
+class AutomaticOptimization:
+    def __init__(self, progress: OptimizationProgress) -> None:
+        self.progress = progress
+        self.last_loss: Tensor | None = None
+
+    def run(self, trainer: Any, batch: Any, batch_idx: int, accumulating: bool) -> Any:
+        """One training batch; steps the optimizer unless ``accumulating``."""
+        module = trainer.module
+        strategy = trainer.strategy
+        hooks = trainer.hooks
+        with strategy.no_backward_sync(accumulating):
+            module._current_fx = "training_step"
+            try:
+                with strategy.precision.autocast():
+                    outputs = strategy.training_step(batch, batch_idx)
+            finally:
+                module._current_fx = None
+            loss = _loss_of(outputs)
+            self.last_loss = loss
+            # nan_loss="skip" pays one host sync per step to leave this batch out.
+            skipped = trainer.nan_loss == "skip" and not bool(torch.isfinite(loss))
+            if not skipped:
+                if trainer.accumulate_grad_batches > 1:
+                    loss = loss / trainer.accumulate_grad_batches
+                hooks("on_before_backward", loss)
+                strategy.backward(loss)
+        if not skipped:
+            hooks("on_after_backward")
+        if accumulating:
+            return outputs
+        optimizer = trainer.optimizer
+        hooks("on_before_optimizer_step", optimizer)
+        if trainer.gradient_clip_val:
+            strategy.clip_gradients(optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
+        progress = self.progress.optimizer
+        progress.step.increment_ready()
+        strategy.optimizer_step(optimizer)
+        progress.step.increment_completed()
+        hooks("on_before_zero_grad", optimizer)
+        progress.zero_grad.increment_ready()
+        progress.zero_grad.increment_started()
+        optimizer.zero_grad(set_to_none=True)
+        progress.zero_grad.increment_completed()
+        trainer.step_schedulers("step")
+        return outputs
+
+
+def _loss_of(outputs: Any) -> Tensor:
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if not isinstance(loss, Tensor):
+        what = "a dict without 'loss'" if isinstance(outputs, Mapping) else repr(type(outputs).__name__)
+        raise MisconfigurationError(
+            f"`training_step` returned {what}; return the loss as a scalar tensor, or a dict "
+            "with the loss under 'loss'."
+        )
+    if loss.numel() != 1:
+        raise MisconfigurationError(
+            f"`training_step` returned a loss of shape {tuple(loss.shape)}; it must be a scalar. "
+            "Reduce it first, e.g. `loss.mean()`."
+        )
+    if not loss.requires_grad:
+        raise MisconfigurationError(
+            "`training_step` returned a loss that does not require grad: it was computed without "
+            "the module's parameters or under `torch.no_grad()`."
+        )
+    return loss

@@ -1,0 +1,91 @@
+"""Training-epoch loop: one pass over the training data, validating where configured."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distloop.loops.evaluation import EvaluationLoop
+from distloop.loops.fetcher import Prefetcher
+from distloop.loops.loop import Loop
+from distloop.loops.optimization import AutomaticOptimization
+from distloop.progress import BatchProgress, OptimizationProgress
+from distloop.results import ResultCollection
+
+
+class TrainingEpochLoop(Loop):
+    """``advance`` = one batch: forward, backward, maybe an optimizer step, maybe validation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_progress = BatchProgress()
+        self.optim_progress = OptimizationProgress()
+        self.results = ResultCollection(training=True)
+        self.val_loop = EvaluationLoop("validate")
+        self.optimization = AutomaticOptimization(self.optim_progress)
+        self._batches: Prefetcher | None = None
+
+    def connect(self, val_loop: EvaluationLoop | None = None) -> None:
+        if val_loop is not None:
+            self.val_loop = val_loop
+
+    @property
+    def done(self) -> bool:
+        trainer = self.trainer
+        if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+            return True
+        return self.batch_progress.is_last_batch or trainer.should_stop
+
+    def reset(self) -> None:
+        if self.restarting:
+            self.batch_progress.reset_on_restart()
+            self.optim_progress.reset_on_restart()
+        else:
+            self.batch_progress.reset_on_run()
+            self.optim_progress.reset_on_run()
+            self.results.clear()
+
+    def on_run_start(self, dataloader: Any) -> None:
+        trainer = self.trainer
+        self.results.device = trainer.strategy.root_device
+        self.results.sync_fn = trainer.strategy.reduce
+        trainer.module._results = self.results
+        self._batches = Prefetcher(dataloader, trainer.num_training_batches)
+
+    def advance(self, dataloader: Any) -> None:
+        assert self._batches is not None
+        batch, is_last = next(self._batches)
+        trainer, module = self.trainer, self.trainer.module
+        progress = self.batch_progress
+        progress.is_last_batch = is_last
+        batch_idx = progress.current.ready
+        batch = trainer.strategy.batch_to_device(batch)
+        progress.increment_ready()
+        module._current_batch, module._batch_size = batch, None
+        if trainer.hooks("on_train_batch_start", batch, batch_idx) == -1:
+            raise StopIteration  # Lightning's convention: -1 skips the rest of the epoch
+        progress.increment_started()
+        accumulating = (batch_idx + 1) % trainer.accumulate_grad_batches != 0 and not is_last
+        outputs = self.optimization.run(trainer, batch, batch_idx, accumulating)
+        progress.increment_processed()
+        trainer.hooks("on_train_batch_end", outputs, batch, batch_idx)
+        progress.increment_completed()
+        if progress.total.completed % trainer.log_every_n_steps == 0:
+            trainer.check_finite_loss(self.optimization.last_loss)
+            trainer.read_metrics(self.results, on_step=True)
+
+    def on_advance_end(self) -> None:
+        if self._should_validate():
+            trainer = self.trainer
+            self.val_loop.run(trainer.val_dataloader, trainer.num_val_batches)
+            trainer.module._results = self.results
+
+    def _should_validate(self) -> bool:
+        trainer = self.trainer
+        if trainer.val_dataloader is None or trainer.num_val_batches == 0:
+            return False
+        if (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch != 0:
+            return False
+        interval = trainer.val_check_batches
+        if interval is None:  # once per epoch, at its end
+            return self.batch_progress.is_last_batch
+        return self.batch_progress.current.completed % interval == 0

@@ -1,0 +1,67 @@
+"""Numeric precision: the autocast context, backward and optimizer step for "32", "bf16-mixed", "16-mixed"."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from distloop.errors import MisconfigurationError
+
+_ALIASES = {
+    "32": "32", "32-true": "32", 32: "32",
+    "bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed",
+    "16-mixed": "16-mixed", "16": "16-mixed", 16: "16-mixed",
+}
+
+
+def normalize_precision(precision: Any) -> str:
+    if precision not in _ALIASES:
+        raise MisconfigurationError(
+            f"precision={precision!r} is not supported: use '32', 'bf16-mixed' or '16-mixed'."
+        )
+    return _ALIASES[precision]
+
+
+class Precision:
+    """Runs forward under autocast and backward/step with a GradScaler where fp16 needs one."""
+
+    def __init__(self, precision: Any, device: torch.device) -> None:
+        self.precision = normalize_precision(precision)
+        self.device = device
+        if self.precision == "16-mixed" and device.type != "cuda":
+            raise MisconfigurationError(
+                "precision='16-mixed' needs a CUDA device; on CPU use precision='bf16-mixed'."
+            )
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "16-mixed" else None
+
+    def autocast(self) -> ContextManager:
+        if self.precision == "32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def backward(self, loss: Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def unscale_gradients(self, optimizer: Optimizer) -> None:
+        """Before clipping: bring fp16-scaled gradients back to their true size."""
+        if self.scaler is not None:
+            self.scaler.unscale_(optimizer)
+
+    def optimizer_step(self, optimizer: Optimizer) -> None:
+        if self.scaler is None:
+            optimizer.step()
+        else:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state:
+            self.scaler.load_state_dict(state)

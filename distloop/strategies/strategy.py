@@ -1,0 +1,133 @@
+"""Strategy: owns processes and devices, and every device- or wrapping-specific step.
+
+Loops never touch devices, wrappers or collectives directly; they ask the Strategy.
+Adding a strategy (DDP, FSDP2) therefore changes no loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from typing import Any, ContextManager, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from distloop.strategies.precision import Precision
+
+T = TypeVar("T")
+
+
+class Strategy(ABC):
+    """Collectives (``reduce``, ``broadcast``, ``barrier``, ``all_gather``), placement and stepping."""
+
+    def __init__(self, device: torch.device | str, precision: Any = "32") -> None:
+        self._root_device = torch.device(device)
+        self.precision = Precision(precision, self._root_device)
+        self.module: nn.Module | None = None
+
+    @property
+    def root_device(self) -> torch.device:
+        return self._root_device
+
+    @property
+    @abstractmethod
+    def world_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def global_rank(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def local_rank(self) -> int: ...
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.global_rank == 0
+
+    # --------------------------------------------------------------- set-up
+    def setup_environment(self) -> None:
+        """Start processes groups, bind devices: once, before anything else."""
+        if self.root_device.type == "cuda":
+            torch.cuda.set_device(self.root_device)
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        """Move the module to the device and wrap it if the strategy needs to; returns what to call."""
+        self.module = module.to(self.root_device)
+        return self.module
+
+    def teardown(self) -> None:
+        """Release what ``setup_environment`` took; also called when training raised."""
+
+    # --------------------------------------------------------------- per step
+    def batch_to_device(self, batch: Any) -> Any:
+        return _to_device(batch, self.root_device)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        """Run the module's ``training_step`` through whatever wraps it (DDP hooks need the wrapper)."""
+        assert self.module is not None
+        return self.module.training_step(batch, batch_idx)
+
+    def no_backward_sync(self, accumulating: bool) -> ContextManager:
+        """While accumulating, skip the gradient all-reduce (DDP's ``no_sync``)."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: Tensor) -> None:
+        self.precision.backward(loss)
+
+    def clip_gradients(self, optimizer: Optimizer, clip_val: float, algorithm: str) -> None:
+        self.precision.unscale_gradients(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(params, clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(params, clip_val)
+
+    def optimizer_step(self, optimizer: Optimizer) -> None:
+        self.precision.optimizer_step(optimizer)
+
+    # --------------------------------------------------------------- collectives
+    @abstractmethod
+    def reduce(self, tensor: Tensor, reduce_op: str = "mean") -> Tensor:
+        """The cross-rank reduction ('mean', 'sum', 'max' or 'min') of ``tensor``."""
+
+    @abstractmethod
+    def broadcast(self, obj: T, src: int = 0) -> T:
+        """Rank ``src``'s ``obj`` on every rank."""
+
+    @abstractmethod
+    def barrier(self, name: str | None = None) -> None:
+        """Wait until every rank gets here."""
+
+    @abstractmethod
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor``, stacked along a new first dimension."""
+
+    @abstractmethod
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """True if every rank (``all=True``) or any rank (``all=False``) decided True."""
+
+    # --------------------------------------------------------------- checkpoint state
+    def module_state_dict(self) -> dict[str, Tensor]:
+        assert self.module is not None
+        return self.module.state_dict()
+
+    def load_module_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> None:
+        assert self.module is not None
+        self.module.load_state_dict(state, strict=strict)
+
+    def optimizer_state_dict(self, optimizer: Optimizer) -> dict:
+        return optimizer.state_dict()
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        moved = [_to_device(b, device) for b in batch]
+        return type(batch)(*moved) if hasattr(batch, "_fields") else type(batch)(moved)
+    if isinstance(batch, dict):
+        return type(batch)({k: _to_device(v, device) for k, v in batch.items()})
+    return batch
