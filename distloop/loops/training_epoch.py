@@ -52,19 +52,12 @@ class TrainingEpochLoop(Loop):
         self._batches = Prefetcher(dataloader, trainer.num_training_batches)
 
     def advance(self, dataloader: Any) -> None:
-        assert self._batches is not None
-        batch, is_last = next(self._batches)
-        trainer, module = self.trainer, self.trainer.module
-        progress = self.batch_progress
-        progress.is_last_batch = is_last
-        batch_idx = progress.current.ready
-        batch = trainer.strategy.batch_to_device(batch)
-        progress.increment_ready()
-        module._current_batch, module._batch_size = batch, None
+        batch, batch_idx = self.fetch_batch()
+        trainer, progress = self.trainer, self.batch_progress
         if trainer.hooks("on_train_batch_start", batch, batch_idx) == -1:
             raise StopIteration  # Lightning's convention: -1 skips the rest of the epoch
         progress.increment_started()
-        accumulating = (batch_idx + 1) % trainer.accumulate_grad_batches != 0 and not is_last
+        accumulating = (batch_idx + 1) % trainer.accumulate_grad_batches != 0 and not progress.is_last_batch
         outputs = self.optimization.run(trainer, batch, batch_idx, accumulating)
         progress.increment_processed()
         trainer.hooks("on_train_batch_end", outputs, batch, batch_idx)
@@ -72,6 +65,17 @@ class TrainingEpochLoop(Loop):
         if progress.total.completed % trainer.log_every_n_steps == 0:
             trainer.check_finite_loss(self.optimization.last_loss)
             trainer.read_metrics(self.results, on_step=True)
+
+    def fetch_batch(self) -> tuple[Any, int]:
+        """The next batch, on the device, counted as ready; ``StopIteration`` when the epoch's data ends."""
+        assert self._batches is not None
+        batch, self.batch_progress.is_last_batch = next(self._batches)
+        trainer, module = self.trainer, self.trainer.module
+        batch = trainer.strategy.batch_to_device(batch)
+        batch_idx = self.batch_progress.current.ready
+        self.batch_progress.increment_ready()
+        module._current_batch, module._batch_size = batch, None
+        return batch, batch_idx
 
     def on_advance_end(self) -> None:
         if self._should_validate():
