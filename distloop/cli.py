@@ -1,25 +1,46 @@
 """The `distloop` command: compose the Hydra config once, write it into the run directory, train.
 
-Errors a user can fix (bad config, bad module, a non-finite loss) end the command with
-a one-paragraph message on stderr and exit code 2, not a stack trace.
+Three ways to run, one run directory each:
+
+- ``distloop ...``: one process composes the config and trains.
+- ``distloop launcher.nproc_per_node=N ...``: one process composes the config, writes the
+  resolved ``config.yaml`` into the run directory and starts N ranks with torchrun; every
+  rank reads that one file (``python -m distloop.worker RUN_DIR/config.yaml``).
+- ``torchrun ... -m distloop ...`` or ``srun``: every rank starts here. Rank zero composes
+  the config (only it writes Hydra's files) and broadcasts the run directory and resolved
+  config to the others.
+
+Errors a user can fix (bad config, bad module, a non-finite loss) end the command with a
+message on stderr and exit code 2, not a stack trace.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
 from distloop.errors import MisconfigurationError
+from distloop.strategies import DDPStrategy
+from distloop.strategies.ddp import distributed_env
+from distloop.strategies.resolve import ACCELERATORS, STRATEGIES
 from distloop.trainer import Trainer
 
 EXIT_USER_ERROR = 2
+_handoff = {"sent": False}  # under an outer launcher: whether rank zero has sent the config
+# Collective timeout of the group that hands the config from rank zero to the others
+# under an outer launcher (training itself uses the strategy's timeout_s).
+BOOTSTRAP_TIMEOUT_S = float(os.environ.get("DISTLOOP_BOOTSTRAP_TIMEOUT_S", "600"))
 
 
 def config_dir() -> str:
@@ -33,32 +54,48 @@ def config_dir() -> str:
 def instantiate(node: Any, where: str, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` with errors that name the config entry to fix."""
     if not isinstance(node, DictConfig) or "_target_" not in node:
+        shown = OmegaConf.to_container(node) if isinstance(node, DictConfig) else node
         raise MisconfigurationError(
             f"The `{where}` config needs a `_target_` naming the class to build, e.g. "
-            f"`_target_: distloop.examples.digits.DigitsClassifier`; it has {OmegaConf.to_container(node) if isinstance(node, DictConfig) else node!r}.")
+            f"`_target_: distloop.examples.digits.DigitsClassifier`; it has {shown!r}.")
     try:
         return hydra.utils.instantiate(node, **kwargs)
     except InstantiationException as err:
         raise MisconfigurationError(f"Could not build `{where}` ({node._target_}): {err}") from err
 
 
+def build_strategy(cfg: DictConfig) -> Any:
+    """The Strategy (or its name) from the ``strategy`` group."""
+    options = OmegaConf.to_container(cfg.strategy, resolve=True)
+    assert isinstance(options, dict)
+    name = options.pop("name", "auto")
+    if name == "ddp":
+        options.pop("devices", None)
+        precision = cfg.trainer.get("precision", "32")
+        try:
+            return DDPStrategy(precision=precision, **options)
+        except TypeError as err:
+            raise MisconfigurationError(f"Bad `strategy` config: {err}") from err
+    return name
+
+
 def build(cfg: DictConfig, run_dir: str) -> tuple[Trainer, Any, Any]:
     """Trainer, module and datamodule from a composed config."""
     if "trainer" not in cfg or "strategy" not in cfg:
         raise MisconfigurationError("The config needs `trainer` and `strategy` groups (see configs/config.yaml).")
+    strategy = build_strategy(cfg)
     module = instantiate(cfg.model, "model")
     datamodule = instantiate(cfg.data, "data")
     callbacks = [instantiate(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
     loggers = [instantiate(node, f"logger.{name}") for name, node in (cfg.get("logger") or {}).items()]
-    strategy = cfg.strategy
     trainer_args = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(trainer_args, dict)
     try:
         trainer = Trainer(
             **trainer_args,
-            strategy=strategy.name,
-            accelerator=strategy.accelerator,
-            devices=strategy.devices,
+            strategy=strategy,
+            accelerator=cfg.strategy.get("accelerator", "auto"),
+            devices=cfg.strategy.get("devices", "auto"),
             callbacks=callbacks,
             logger=loggers,
             default_root_dir=run_dir,
@@ -70,34 +107,159 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[Trainer, Any, Any]:
 
 
 def run(cfg: DictConfig, run_dir: str) -> float | None:
-    """Train (and test) as the config says; returns the monitored metric for sweeps."""
-    os.makedirs(run_dir, exist_ok=True)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    OmegaConf.save(OmegaConf.create(resolved), os.path.join(run_dir, "config.yaml"))
+    """Train (and test) as the config says, on this rank; returns the monitored metric for sweeps."""
     trainer, module, datamodule = build(cfg, run_dir)
     if trainer.is_global_zero:
         for lg in trainer.loggers:
-            lg.log_hyperparams(resolved)
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     trainer.fit(module, datamodule=datamodule)
+    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
     if cfg.get("test_after_fit", False):
-        trainer.test(module, datamodule=datamodule)
+        final.update(trainer.test(module, datamodule=datamodule)[0])
     if trainer.is_global_zero:
-        print(f"distloop: run directory {run_dir}", file=sys.stderr)
+        summary = "  ".join(f"{k}={v:.4f}" for k, v in sorted(final.items()))
+        print(f"distloop: done: {summary}\ndistloop: run directory {run_dir}", file=sys.stderr)
     objective = cfg.get("objective")
     if objective and objective in trainer.callback_metrics:
         return float(trainer.callback_metrics[objective])
     return None
 
 
+def save_resolved(cfg: DictConfig, run_dir: str) -> tuple[DictConfig, str]:
+    """Resolve every interpolation once and write ``config.yaml`` into the run directory."""
+    os.makedirs(run_dir, exist_ok=True)
+    resolved = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    path = os.path.join(run_dir, "config.yaml")
+    OmegaConf.save(resolved, path)
+    return resolved, path
+
+
+def check_launch(cfg: DictConfig) -> int:
+    """Refuse a launch that cannot work, before any process starts; returns the world size."""
+    launcher, strategy = cfg.get("launcher") or {}, cfg.strategy
+    nproc, nnodes = launcher.get("nproc_per_node", 1), launcher.get("nnodes", 1)
+    for name, value in (("nproc_per_node", nproc), ("nnodes", nnodes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise MisconfigurationError(f"launcher.{name}={value!r} must be an int >= 1.")
+    if nnodes > 1 and not launcher.get("rdzv_endpoint"):
+        raise MisconfigurationError(
+            f"launcher.nnodes={nnodes} needs launcher.rdzv_endpoint=HOST:PORT of node 0 (the same on every node).")
+    name = strategy.get("name", "auto")
+    if name not in STRATEGIES:
+        raise MisconfigurationError(f"strategy.name={name!r} is not known: use one of {STRATEGIES}.")
+    world = nproc * nnodes
+    if world > 1 and name == "single_device":
+        raise MisconfigurationError(f"strategy=single_device runs one process, but the launcher starts {world}: "
+                                    "use strategy=ddp.")
+    accelerator = strategy.get("accelerator", "auto")
+    if accelerator not in ACCELERATORS:
+        raise MisconfigurationError(f"strategy.accelerator={accelerator!r} is not known: use one of {ACCELERATORS}.")
+    cuda = torch.cuda.is_available()
+    if accelerator in ("cuda", "gpu") and not cuda:
+        raise MisconfigurationError(f"strategy.accelerator={accelerator} needs CUDA, which this machine lacks: "
+                                    "use strategy.accelerator=cpu.")
+    if strategy.get("backend") == "nccl" and not cuda:
+        raise MisconfigurationError("strategy.backend=nccl needs CUDA, which this machine lacks: use "
+                                    "strategy.backend=gloo (or leave it null).")
+    if accelerator != "cpu" and cuda and nproc > torch.cuda.device_count():
+        raise MisconfigurationError(
+            f"launcher.nproc_per_node={nproc} but this machine has {torch.cuda.device_count()} CUDA devices: "
+            "start at most one process per GPU.")
+    devices = strategy.get("devices", "auto")
+    if devices not in ("auto", None) and devices != nproc:
+        raise MisconfigurationError(f"strategy.devices={devices} disagrees with launcher.nproc_per_node={nproc}: "
+                                    "set devices=auto (the launcher decides).")
+    return world
+
+
+def launch(launcher: DictConfig, config_path: str) -> int:
+    """Start the ranks with torchrun; they all read ``config_path``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={launcher.nproc_per_node}",
+           f"--nnodes={launcher.nnodes}", f"--max-restarts={launcher.get('max_restarts', 0)}"]
+    if launcher.nnodes == 1 and not launcher.get("rdzv_endpoint"):
+        cmd.append("--standalone")
+    else:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={launcher.rdzv_endpoint}",
+                f"--node-rank={launcher.get('node_rank', 0)}"]
+    cmd += ["-m", "distloop.worker", config_path]
+    env = {**os.environ}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launcher.nproc_per_node)))
+    return subprocess.call(cmd, env=env)
+
+
+def _report(err: BaseException) -> None:
+    rank, _, world = distributed_env()
+    where = f" on rank {rank}" if world > 1 else ""
+    print(f"distloop: error{where}: {err}", file=sys.stderr, flush=True)
+
+
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 def _hydra_app(cfg: DictConfig) -> float | None:
     try:
-        return run(cfg, HydraConfig.get().runtime.output_dir)
+        run_dir = HydraConfig.get().runtime.output_dir
+        world = check_launch(cfg)
+        resolved, path = save_resolved(cfg, run_dir)
+        if dist.is_initialized():  # under an outer launcher: hand the config to the other ranks
+            dist.broadcast_object_list([(run_dir, OmegaConf.to_container(resolved))], src=0)
+            _handoff["sent"] = True
+            return run(resolved, run_dir)
+        if world > 1:
+            code = launch(cfg.launcher, path)
+            if code:
+                sys.exit(code)
+            return None
+        return run(resolved, run_dir)
     except (MisconfigurationError, FloatingPointError) as err:
-        print(f"distloop: error: {err}", file=sys.stderr)
+        _report(err)
         sys.exit(EXIT_USER_ERROR)
+
+
+def _main_under_outer_launcher() -> None:
+    """Every rank of a ``torchrun -m distloop`` / ``srun`` job: rank zero composes, the others receive."""
+    rank, _, world = distributed_env()
+    if any(arg in ("-m", "--multirun") for arg in sys.argv[1:]):
+        if rank == 0:
+            print("distloop: error: --multirun cannot run under torchrun/srun; sweep with the plain "
+                  "`distloop` command instead.", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=BOOTSTRAP_TIMEOUT_S))
+    try:
+        if rank == 0:
+            try:
+                _hydra_app()
+            finally:
+                if not _handoff["sent"]:
+                    dist.broadcast_object_list([None], src=0)  # tell the others to give up
+            return
+        payload: list[Any] = [None]
+        dist.broadcast_object_list(payload, src=0)
+        if payload[0] is None:
+            print(f"distloop: rank {rank}: rank 0 failed before training; see its error.", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        run_dir, container = payload[0]
+        try:
+            run(OmegaConf.create(container), run_dir)
+        except (MisconfigurationError, FloatingPointError) as err:
+            _report(err)
+            sys.exit(EXIT_USER_ERROR)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def main() -> None:
     """Console entry point (`distloop` and `python -m distloop`)."""
-    _hydra_app()
+    if distributed_env()[2] > 1:
+        _main_under_outer_launcher()
+    else:
+        _hydra_app()
+
+
+def worker_main(config_path: str) -> None:
+    """One rank started by ``launch``: read the resolved config and train."""
+    cfg = OmegaConf.load(config_path)
+    try:
+        run(cfg, cfg.run_dir)
+    except (MisconfigurationError, FloatingPointError) as err:
+        _report(err)
+        sys.exit(EXIT_USER_ERROR)

@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from distloop.callbacks import Callback, ProgressBar
+from distloop.data import with_resumable_sampler
 from distloop.datamodule import DataModule
 from distloop.errors import MisconfigurationError
 from distloop.hooks import Hooks
@@ -223,7 +224,7 @@ class Trainer:
         module = self._module_for("predict", module)
 
         def run() -> list[Any]:
-            loader = self._dataloader("predict", dataloaders, datamodule)
+            loader = self._prepare(self._dataloader("predict", dataloaders, datamodule), train=False)
             limit = _num_batches(loader, self.limit_predict_batches, "predict")
             return self.predict_loop.run(loader, limit)
 
@@ -273,10 +274,12 @@ class Trainer:
 
     def _fit(self, train_dataloaders: Iterable | None, val_dataloaders: Iterable | None) -> None:
         assert self.module is not None
-        self.train_dataloader = self._dataloader("train", train_dataloaders, self.datamodule)
+        self.train_dataloader = self._prepare(self._dataloader("train", train_dataloaders, self.datamodule), train=True)
         self.num_training_batches = _num_batches(self.train_dataloader, self.limit_train_batches, "train")
         if val_dataloaders is None and self.datamodule is not None:
             val_dataloaders = self.datamodule.val_dataloader()
+        if val_dataloaders is not None:
+            val_dataloaders = self._prepare(val_dataloaders, train=False)
         self.val_dataloader = val_dataloaders
         self.num_val_batches = (
             _num_batches(val_dataloaders, self.limit_val_batches, "val") if val_dataloaders is not None else 0)
@@ -292,6 +295,7 @@ class Trainer:
 
         def run() -> list[dict[str, float]]:
             loader = self._dataloader("val" if stage == "validate" else stage, dataloaders, datamodule)
+            loader = self._prepare(loader, train=False)
             limit = _num_batches(loader, self.limit_val_batches if stage == "validate" else self.limit_test_batches,
                                  stage)
             if stage == "validate":
@@ -316,6 +320,13 @@ class Trainer:
                 return loader
         where = "fit(module, train_dataloaders=...)" if kind == "train" else f"the `dataloaders` argument"
         raise MisconfigurationError(f"No {kind} dataloader: pass one through {where} or a datamodule.")
+
+    def _prepare(self, loader: Iterable, train: bool) -> Iterable:
+        """Shard across ranks with a resumable sampler (training data always: it makes resume exact)."""
+        if not train and self.world_size == 1:
+            return loader
+        return with_resumable_sampler(loader, num_replicas=self.world_size, rank=self.global_rank,
+                                      seed=self.seed or 0, train=train)
 
     def _val_check_batches(self) -> int | None:
         interval = self.val_check_interval
@@ -393,8 +404,8 @@ class Trainer:
 
     def set_data_epoch(self, epoch: int) -> None:
         """Tell the training sampler which epoch it is, so each epoch shuffles differently."""
-        for holder in (self.train_dataloader, getattr(self.train_dataloader, "sampler", None),
-                       getattr(self.train_dataloader, "batch_sampler", None)):
+        for holder in (getattr(self.train_dataloader, "sampler", None),
+                       getattr(self.train_dataloader, "batch_sampler", None), self.train_dataloader):
             if holder is not None and hasattr(holder, "set_epoch"):
                 holder.set_epoch(epoch)
                 return

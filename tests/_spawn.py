@@ -30,9 +30,13 @@ def gloo_reduce(tensor: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:
     return out
 
 
-def _entry(rank: int, fn: Callable, world_size: int, port: int, pg_timeout: float, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(rank: int, fn: Callable, world_size: int, port: int, pg_timeout: float, init: bool, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
+    if not init:  # the code under test makes the process group
+        fn(rank, world_size, *args)
+        return
     dist.init_process_group(
         "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout)
     )
@@ -42,11 +46,15 @@ def _entry(rank: int, fn: Callable, world_size: int, port: int, pg_timeout: floa
         dist.destroy_process_group()
 
 
-def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 90, pg_timeout: float = 30) -> None:
-    """Run ``fn(rank, world_size, *args)`` on each rank; re-raise the first failure."""
+def spawn(fn: Callable, world_size: int, *args: Any, timeout: float = 90, pg_timeout: float = 30,
+          init: bool = True) -> None:
+    """Run ``fn(rank, world_size, *args)`` on each rank; re-raise the first failure.
+
+    With ``init=False`` the ranks get torchrun's environment but no process group.
+    """
     ctx = mp.start_processes(
         _entry,
-        args=(fn, world_size, free_port(), pg_timeout, args),
+        args=(fn, world_size, free_port(), pg_timeout, init, args),
         nprocs=world_size,
         join=False,
         start_method="spawn",

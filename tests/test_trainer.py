@@ -326,7 +326,7 @@ class Returns(Linear):
         ({"precision": "16-mixed"}, "needs a CUDA device"),
         ({"strategy": "fsdp"}, "strategy='fsdp' is not known"),
         ({"accelerator": "tpu"}, "accelerator='tpu'"),
-        ({"devices": 2}, "need the DDP strategy"),
+        ({"devices": 2}, "only this one process runs"),
         ({"nan_loss": "maybe"}, "nan_loss"),
         ({"accumulate_grad_batches": 0}, "accumulate_grad_batches"),
     ],

@@ -19,7 +19,15 @@ class TensorBoardLogger(Logger):
                 "(or `pip install distloop[tensorboard]`), or use logger=csv."
             ) from err
         self._dir = os.path.join(os.fspath(save_dir), "tensorboard")
-        self._writer = SummaryWriter(self._dir)
+        self._writer_cls = SummaryWriter
+        self._writer_obj: Any = None
+
+    @property
+    def _writer(self) -> Any:
+        # Made on first use, which is on global rank zero only: other ranks write no files.
+        if self._writer_obj is None:
+            self._writer_obj = self._writer_cls(self._dir)
+        return self._writer_obj
 
     @property
     def log_dir(self) -> str:
@@ -37,7 +45,8 @@ class TensorBoardLogger(Logger):
         self._writer.flush()
 
     def finalize(self, status: str) -> None:
-        self._writer.close()
+        if self._writer_obj is not None:
+            self._writer_obj.close()
 
 
 def _flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from distloop.errors import MisconfigurationError
+from distloop.strategies.ddp import DDPStrategy, distributed_env
 from distloop.strategies.single_device import SingleDeviceStrategy
 from distloop.strategies.strategy import Strategy
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu")
-STRATEGIES = ("auto", "single_device")
+STRATEGIES = ("auto", "single_device", "ddp")
 
 
-def resolve_strategy(strategy: str | Strategy, accelerator: str, devices: int | str, precision: Any) -> Strategy:
+def resolve_strategy(strategy: str | Strategy, accelerator: str, devices: int | str, precision: Any,
+                     **ddp_options: Any) -> Strategy:
+    """The launcher decides how many processes run; ``devices`` only has to agree with it."""
     if isinstance(strategy, Strategy):
         return strategy
     if accelerator not in ACCELERATORS:
@@ -25,18 +27,20 @@ def resolve_strategy(strategy: str | Strategy, accelerator: str, devices: int | 
     use_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise MisconfigurationError(f"accelerator={accelerator!r} needs CUDA, which this machine lacks: use accelerator='cpu'.")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    wanted = 1 if devices == "auto" else devices
-    if isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1:
+    if devices != "auto" and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
         raise MisconfigurationError(f"devices={devices!r} must be 'auto' or an int >= 1.")
-    if world_size > 1 or wanted > 1:
+    rank, local_rank, world_size = distributed_env()
+    if devices != "auto" and world_size == 1 and devices > 1:
         raise MisconfigurationError(
-            f"{max(world_size, wanted)} processes need the DDP strategy, which this version does not have yet; "
-            "run one process with devices=1.")
+            f"devices={devices} but only this one process runs: start {devices} processes with "
+            f"`distloop launcher.nproc_per_node={devices} strategy=ddp` or `torchrun --nproc-per-node {devices}`.")
+    if strategy == "ddp" or (strategy == "auto" and world_size > 1):
+        return DDPStrategy(accelerator=accelerator, precision=precision, **ddp_options)
+    if world_size > 1:
+        raise MisconfigurationError(f"strategy={strategy!r} runs one process, but WORLD_SIZE={world_size}: "
+                                    "use strategy='ddp' (or 'auto').")
     if use_cuda:
-        available = torch.cuda.device_count()
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if local_rank >= available:
-            raise MisconfigurationError(f"LOCAL_RANK={local_rank} but only {available} CUDA devices exist.")
+        if local_rank >= torch.cuda.device_count():
+            raise MisconfigurationError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices exist.")
         return SingleDeviceStrategy(f"cuda:{local_rank}", precision)
     return SingleDeviceStrategy("cpu", precision)

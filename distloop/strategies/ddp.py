@@ -1,0 +1,186 @@
+"""DDP: one process per device, gradients all-reduced by DistributedDataParallel.
+
+The process group comes from the launcher's environment (torchrun, or SLURM's srun):
+``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``. NCCL on CUDA,
+gloo on CPU, unless ``backend`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from datetime import timedelta
+from typing import Any, ContextManager, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from distloop.errors import MisconfigurationError
+from distloop.strategies.strategy import Strategy
+
+T = TypeVar("T")
+
+_OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def distributed_env() -> tuple[int, int, int]:
+    """``(global_rank, local_rank, world_size)`` from torchrun's variables, or SLURM's under plain srun."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ["WORLD_SIZE"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"]), int(os.environ.get("SLURM_LOCALID", "0")), int(os.environ["SLURM_NTASKS"])
+    return 0, 0, 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _TrainingStep(nn.Module):
+    """Lets DDP's forward (and so its gradient hooks) run the module's ``training_step``."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, batch: Any, batch_idx: int) -> Any:
+        return self.module.training_step(batch, batch_idx)
+
+
+class DDPStrategy(Strategy):
+    def __init__(
+        self,
+        accelerator: str = "auto",
+        precision: Any = "32",
+        backend: str | None = None,
+        timeout_s: float = 1800.0,
+        find_unused_parameters: bool = False,
+        static_graph: bool = False,
+        gradient_as_bucket_view: bool = True,
+    ) -> None:
+        self._rank, self._local_rank, self._world_size = distributed_env()
+        use_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+        if use_cuda:
+            if not torch.cuda.is_available():
+                raise MisconfigurationError(f"accelerator={accelerator!r} needs CUDA, which this machine lacks: "
+                                            "use accelerator=cpu (gloo).")
+            if self._local_rank >= torch.cuda.device_count():
+                raise MisconfigurationError(
+                    f"LOCAL_RANK={self._local_rank} but this node has {torch.cuda.device_count()} CUDA devices: "
+                    "start at most one process per GPU.")
+            device = torch.device("cuda", self._local_rank)
+        else:
+            device = torch.device("cpu")
+        backend = backend or ("nccl" if use_cuda else "gloo")
+        if backend == "nccl" and not use_cuda:
+            raise MisconfigurationError("backend='nccl' needs CUDA devices; on CPU use backend='gloo'.")
+        if timeout_s <= 0:
+            raise MisconfigurationError(f"strategy timeout_s={timeout_s} must be > 0 seconds.")
+        super().__init__(device, precision)
+        self.backend = backend
+        self.timeout = timedelta(seconds=timeout_s)
+        self.find_unused_parameters = find_unused_parameters
+        self.static_graph = static_graph
+        self.gradient_as_bucket_view = gradient_as_bucket_view
+        self.group: Any = None
+        self._owns_default_group = False
+        self._ddp: DistributedDataParallel | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    @property
+    def global_rank(self) -> int:
+        return self._rank
+
+    @property
+    def local_rank(self) -> int:
+        return self._local_rank
+
+    # --------------------------------------------------------------- set-up
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.group is not None:
+            return
+        if not dist.is_initialized():
+            init_method = None
+            if "MASTER_ADDR" not in os.environ:
+                if self._world_size > 1:
+                    raise MisconfigurationError(
+                        "MASTER_ADDR / MASTER_PORT are not set: start the ranks with `distloop "
+                        "launcher.nproc_per_node=N`, torchrun, or export them in your SLURM script.")
+                init_method = f"tcp://127.0.0.1:{_free_port()}"
+            dist.init_process_group(self.backend, init_method=init_method, rank=self._rank,
+                                    world_size=self._world_size, timeout=self.timeout,
+                                    device_id=self.root_device if self.backend == "nccl" else None)
+            self._owns_default_group = True
+            self.group = dist.group.WORLD
+        else:
+            # Someone (the command, under an outer torchrun) made the default group: give
+            # training its own, with this strategy's backend and timeout.
+            self.group = dist.new_group(backend=self.backend, timeout=self.timeout)
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        self.module = module.to(self.root_device)
+        device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
+        self._ddp = DistributedDataParallel(
+            _TrainingStep(self.module), device_ids=device_ids, process_group=self.group,
+            find_unused_parameters=self.find_unused_parameters, static_graph=self.static_graph,
+            gradient_as_bucket_view=self.gradient_as_bucket_view)
+        return self.module
+
+    def teardown(self) -> None:
+        self._ddp = None
+        if self._owns_default_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_default_group = False
+        self.group = None
+
+    # --------------------------------------------------------------- per step
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        assert self._ddp is not None
+        return self._ddp(batch, batch_idx)
+
+    def no_backward_sync(self, accumulating: bool) -> ContextManager:
+        if accumulating and self._ddp is not None:
+            return self._ddp.no_sync()
+        return contextlib.nullcontext()
+
+    # --------------------------------------------------------------- collectives
+    def reduce(self, tensor: Tensor, reduce_op: str = "mean") -> Tensor:
+        if reduce_op not in _OPS:
+            raise MisconfigurationError(f"reduce_op={reduce_op!r}: use 'mean', 'sum', 'max' or 'min'.")
+        out = tensor.clone()
+        dist.all_reduce(out, op=_OPS[reduce_op], group=self.group)
+        if reduce_op == "mean":
+            out = out / self._world_size
+        return out
+
+    def broadcast(self, obj: T, src: int = 0) -> T:
+        payload = [obj]
+        dist.broadcast_object_list(payload, src=src, group=self.group,
+                                   device=self.root_device if self.backend == "nccl" else None)
+        return payload[0]
+
+    def barrier(self, name: str | None = None) -> None:
+        if self.backend == "nccl":
+            dist.barrier(group=self.group, device_ids=[self.root_device.index])
+        else:
+            dist.barrier(group=self.group)
+
+    def all_gather(self, tensor: Tensor) -> Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(self._world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        return torch.stack(parts)
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        votes = torch.tensor(int(bool(decision)), device=self.root_device)
+        total = int(self.reduce(votes, "sum").item())
+        return total == self._world_size if all else total > 0
+

@@ -1,0 +1,166 @@
+"""DDP over gloo on CPU: 2 and 3 ranks in spawned processes, every one with deadlines."""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from _spawn import spawn
+from distloop import LoopModule, MisconfigurationError, Trainer
+from distloop.data import ResumableSampler
+from distloop.strategies import DDPStrategy
+
+pytestmark = pytest.mark.distributed
+
+
+def regression_data(n=48):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 4, generator=g)
+    return TensorDataset(x, x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]]))
+
+
+class Regressor(LoopModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self.layer(x), y)
+        self.log("loss", loss, on_epoch=True, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def fit(module, loader, **kwargs):
+    trainer = Trainer(max_epochs=3, seed=5, logger=False, enable_progress_bar=False, accelerator="cpu", **kwargs)
+    trainer.fit(module, loader)
+    return trainer
+
+
+def _fit_ddp(rank, world_size, out_path, per_rank_batch):
+    module = Regressor()
+    trainer = fit(module, DataLoader(regression_data(), batch_size=per_rank_batch, shuffle=True), strategy="ddp")
+    assert isinstance(trainer.strategy, DDPStrategy) and trainer.world_size == world_size
+    assert trainer.global_step == 3 * 48 // (per_rank_batch * world_size)
+    if rank == 0:
+        torch.save(module.state_dict(), out_path)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ddp_fit_equals_one_process_on_the_same_global_batches(tmp_path, world_size):
+    per_rank = 4
+    spawn(_fit_ddp, world_size, str(tmp_path / "ddp.pt"), per_rank, init=False)
+    single = Regressor()
+    fit(single, DataLoader(regression_data(), batch_size=per_rank * world_size, shuffle=True))
+    ddp_state = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(ddp_state[name], value, rtol=1e-5, atol=1e-6)
+
+
+def uneven_classification(n=25):
+    g = torch.Generator().manual_seed(2)
+    return TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+class Classifier(LoopModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(6, 3)
+        self.acc = MulticlassAccuracy(num_classes=3, average="micro")
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.layer(x)
+        self.acc(logits, y)
+        self.log("val_acc", self.acc)
+        self.log("val_loss", F.cross_entropy(logits, y), sync_dist=True)
+        self.log("val_count", float(len(y)), reduce_fx="sum", sync_dist=True)
+
+
+def _validate(rank, world_size, results):
+    trainer = Trainer(strategy="ddp", accelerator="cpu", logger=False, enable_progress_bar=False)
+    [metrics] = trainer.validate(Classifier(), DataLoader(uneven_classification(), batch_size=4))
+    if rank == 0:
+        torch.save(metrics, results)
+
+
+@pytest.mark.timeout(180)
+def test_validation_metrics_on_uneven_shards_equal_one_process(tmp_path):
+    spawn(_validate, 2, str(tmp_path / "m.pt"), init=False)
+    ddp = torch.load(tmp_path / "m.pt", weights_only=True)
+    [single] = Trainer(logger=False, enable_progress_bar=False, accelerator="cpu").validate(
+        Classifier(), DataLoader(uneven_classification(), batch_size=4))
+    assert ddp["val_count"] == single["val_count"] == 25.0  # no padding sample counted
+    assert ddp["val_acc"] == single["val_acc"]
+    assert ddp["val_loss"] == pytest.approx(single["val_loss"], rel=1e-6)
+
+
+class Divergent(Regressor):
+    def training_step(self, batch, batch_idx):
+        self.log(f"only_rank_{self.trainer.global_rank}", 1.0, sync_dist=True)
+        return super().training_step(batch, batch_idx)
+
+
+def _divergent(rank, world_size):
+    start = time.monotonic()
+    with pytest.raises(MisconfigurationError, match="only_rank_0.*present on ranks \\[0\\]"):
+        fit(Divergent(), DataLoader(regression_data(), batch_size=4), strategy="ddp", log_every_n_steps=2)
+    assert time.monotonic() - start < 20
+
+
+@pytest.mark.timeout(120)
+def test_divergent_keys_raise_on_every_rank():
+    spawn(_divergent, 2, init=False)
+
+
+def _decisions(rank, world_size):
+    strategy = DDPStrategy(accelerator="cpu")
+    strategy.setup_environment()
+    try:
+        assert strategy.reduce(torch.tensor(float(rank + 1)), "mean").item() == 1.5
+        assert strategy.reduce(torch.tensor(float(rank + 1)), "max").item() == 2.0
+        assert strategy.reduce(torch.tensor(float(rank + 1)), "min").item() == 1.0
+        assert strategy.reduce(torch.tensor(float(rank + 1)), "sum").item() == 3.0
+        assert strategy.broadcast({"from": rank}, src=1) == {"from": 1}
+        assert strategy.all_gather(torch.tensor([rank])).tolist() == [[0], [1]]
+        assert strategy.reduce_boolean_decision(rank == 0, all=False) is True
+        assert strategy.reduce_boolean_decision(rank == 0, all=True) is False
+        strategy.barrier()
+    finally:
+        strategy.teardown()
+    assert not dist.is_initialized()
+
+
+@pytest.mark.timeout(120)
+def test_ddp_strategy_collectives():
+    spawn(_decisions, 2, init=False)
+
+
+def test_resumable_sampler_shards_without_loss():
+    n = 10
+    shards = [list(ResumableSampler(n, 3, r, shuffle=True, seed=4, pad=False)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(n))
+    padded = [list(ResumableSampler(n, 3, r, shuffle=True, seed=4, pad=True)) for r in range(3)]
+    assert {len(s) for s in padded} == {4} and set(sum(padded, [])) == set(range(n))
+    # The global position: skipping the first k samples of the epoch, on any world size.
+    full = list(ResumableSampler(n, 1, 0, shuffle=True, seed=4))
+    resumed = []
+    for r in range(2):
+        sampler = ResumableSampler(n, 2, r, shuffle=True, seed=4)
+        sampler.set_epoch(0, offset=4)
+        resumed += list(sampler)
+    assert sorted(resumed) == sorted(full[4:])
+    other_epoch = ResumableSampler(n, 1, 0, shuffle=True, seed=4)
+    other_epoch.set_epoch(1)
+    assert list(other_epoch) != full
