@@ -1,25 +1,33 @@
 """distloop: readable, replaceable PyTorch training loops that resume exactly, on one or many devices."""
 
 from distloop import progress
-from distloop.callbacks import Callback, EarlyStopping, ProgressBar
+from distloop.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
+from distloop.checkpoint import CheckpointError
 from distloop.datamodule import DataModule
-from distloop.errors import MisconfigurationError
+from distloop.errors import MisconfigurationError, Preempted
 from distloop.loops import Loop
 from distloop.module import LoopModule
+from distloop.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from distloop.results import ResultCollection
 from distloop.trainer import Trainer, seed_everything
 
 __all__ = [
     "Callback",
+    "CheckpointError",
     "DataModule",
     "EarlyStopping",
     "Loop",
     "LoopModule",
     "MisconfigurationError",
+    "ModelCheckpoint",
+    "Preempted",
     "ProgressBar",
     "ResultCollection",
     "Trainer",
     "progress",
+    "rank_zero_info",
+    "rank_zero_only",
+    "rank_zero_warn",
     "seed_everything",
 ]
 __version__ = "0.1.0"

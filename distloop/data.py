@@ -90,11 +90,15 @@ def with_resumable_sampler(loader: Any, *, num_replicas: int, rank: int, seed: i
         return loader
     sampler = ResumableSampler(len(loader.dataset), num_replicas, rank,
                                shuffle=isinstance(loader.sampler, RandomSampler), seed=seed, pad=train)
+    # Each epoch's iterator draws its workers' base seed from this generator; with the
+    # global one, starting an iterator would shift the main random stream, and a run
+    # resumed mid-epoch (which starts one more iterator) would not match an uninterrupted one.
+    generator = loader.generator if loader.generator is not None else torch.Generator().manual_seed(seed + rank)
     return DataLoader(
         loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
         collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, drop_last=loader.drop_last,
         timeout=loader.timeout, worker_init_fn=loader.worker_init_fn,
-        multiprocessing_context=loader.multiprocessing_context, generator=loader.generator,
+        multiprocessing_context=loader.multiprocessing_context, generator=generator,
         prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
         persistent_workers=loader.persistent_workers, pin_memory_device=loader.pin_memory_device,
     )

@@ -126,6 +126,7 @@ class ResultCollection:
         self._synced = False
         self._unsynced_state: dict[str, tuple[Tensor | None, float | Tensor]] = {}
         self._layout_cache: tuple[tuple, int] | None = None
+        self.agreed_flags = 0
 
     # ------------------------------------------------------------------ logging
     def log(
@@ -226,12 +227,13 @@ class ResultCollection:
         )
 
     # ------------------------------------------------------------------ reading
-    def metrics(self, on_step: bool) -> dict[str, dict[str, Tensor]]:
+    def metrics(self, on_step: bool, flags: int = 0) -> dict[str, dict[str, Tensor]]:
         """The step (``on_step=True``) or epoch values, split by consumer.
 
         Returns ``{"log": ..., "pbar": ..., "callback": ...}``. ``sync_dist`` values are
         reduced across ranks here, all together: every rank must call this at the same
-        point.
+        point. ``flags`` (small non-negative ints, e.g. "stop requested") ride along in the
+        key check; their maximum over ranks is left in ``agreed_flags``.
         """
         requests: list[tuple[str, str, Tensor | float, torch.dtype]] = []
         read: list[tuple[_Result, str]] = []
@@ -246,7 +248,7 @@ class ResultCollection:
                     requests.append((key, r.meta.reduce_fx, r.last, r.last.dtype))
             elif r.value is not None:
                 requests.extend(_accumulator_requests(key, r))
-        reduced = self._reduce(requests)
+        reduced = self._reduce(requests, flags)
 
         out: dict[str, dict[str, Tensor]] = {"log": {}, "pbar": {}, "callback": {}}
         for r, key in read:
@@ -280,7 +282,8 @@ class ResultCollection:
             if r.meta.reduce_fx == "mean":
                 return reduced[key] / reduced[key + "#weight"]
             return reduced[key]
-        return r.epoch_value()
+        value = r.epoch_value()
+        return value.clone() if value is r.value and value is not None else value  # not the live accumulator
 
     # ------------------------------------------------------------------ sync
     def sync(self) -> None:
@@ -327,18 +330,19 @@ class ResultCollection:
                 seen[id(r.metric)] = r.metric
         return list(seen.values())
 
-    def _reduce(self, requests: list[tuple[str, str, Tensor | float, torch.dtype]]) -> dict[str, Tensor]:
+    def _reduce(self, requests: list[tuple[str, str, Tensor | float, torch.dtype]], flags: int = 0) -> dict[str, Tensor]:
         """Reduce all requests across ranks: one key check, then one buffer per (op, dtype).
 
         A request is ``(key, op, value, dtype)``; host floats (mean weights) travel in
         the buffer of their value's dtype, so a mean costs no extra collective.
         """
         if self.sync_fn is None:
+            self.agreed_flags = flags
             return {}
         layout = tuple((key, op, str(dtype)) for key, op, _, dtype in requests)
         device = next((t.device for _, _, t, _ in requests if isinstance(t, Tensor)), self.device)
         device = device or torch.device("cpu")
-        self._check_layout(layout, device)
+        self.agreed_flags = self._check_layout(layout, device, flags)
 
         groups: dict[tuple[str, torch.dtype], list[tuple[str, Tensor | float]]] = {}
         for key, op, t, dtype in requests:
@@ -367,16 +371,19 @@ class ResultCollection:
                 out[key] = reduced[i] / reduced[-1] if key in means else reduced[i]
         return out
 
-    def _check_layout(self, layout: tuple, device: torch.device) -> None:
+    def _check_layout(self, layout: tuple, device: torch.device, flags: int) -> int:
+        """One small max-reduction: do all ranks hold this layout? Also agrees ``flags``."""
+        assert self.sync_fn is not None
         if self._layout_cache is not None and self._layout_cache[0] == layout:
             digest = self._layout_cache[1]
         else:
             digest = int.from_bytes(hashlib.blake2b(repr(layout).encode(), digest_size=7).digest(), "big")
             self._layout_cache = (layout, digest)
-        check = torch.tensor([digest, -digest], dtype=torch.int64, device=device)
-        hi, neg_lo = self.sync_fn(check, "max").tolist()
+        check = torch.tensor([digest, -digest, flags], dtype=torch.int64, device=device)
+        hi, neg_lo, agreed = self.sync_fn(check, "max").tolist()
         if hi != -neg_lo:
             _raise_layout_mismatch(layout)
+        return agreed
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 import os
 import random
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -13,10 +16,12 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from distloop.callbacks import Callback, ProgressBar
-from distloop.data import with_resumable_sampler
+from distloop.callbacks import Callback, ModelCheckpoint, ProgressBar
+from distloop.checkpoint import FORMAT, VERSION, BackgroundWriter, CheckpointError, capture_rng, load, newest_valid
+from distloop.checkpoint import restore_rng, snapshot, write_atomic
+from distloop.data import ResumableSampler, with_resumable_sampler
 from distloop.datamodule import DataModule
-from distloop.errors import MisconfigurationError
+from distloop.errors import MisconfigurationError, Preempted
 from distloop.hooks import Hooks
 from distloop.loggers import CSVLogger, Logger
 from distloop.loops import EvaluationLoop, FitLoop, Loop, PredictionLoop
@@ -143,6 +148,10 @@ class Trainer:
         self.logged_metrics: dict[str, Tensor] = {}
         self.progress_bar_metrics: dict[str, float] = {}
         self.metrics_version = 0
+        self.config: dict[str, Any] | None = None  # the run's resolved config, stored in checkpoints
+        self._writer = BackgroundWriter()
+        self._stop_requested = False  # set by SIGTERM / SIGUSR1
+        self._agreed_flags = 0
 
     # ------------------------------------------------------------ properties
     @property
@@ -197,16 +206,15 @@ class Trainer:
         datamodule: DataModule | None = None,
         ckpt_path: str | None = None,
     ) -> None:
-        """Train ``module``; every call starts from fresh progress, metrics and optimizers."""
+        """Train ``module``; every call starts from fresh progress, metrics and optimizers.
+
+        ``ckpt_path`` resumes a run exactly: a checkpoint file, or ``"last"`` for the newest
+        valid checkpoint in the checkpoint directories (a fresh start when there is none).
+        """
         _check_module(module, "fit")
-        if ckpt_path is not None:
-            raise MisconfigurationError(
-                "fit(ckpt_path=...) is not available yet: resuming from checkpoints comes with the "
-                "checkpoint issue. Call fit() without ckpt_path."
-            )
         if train_dataloaders is not None and datamodule is not None:
             raise MisconfigurationError("Pass either train_dataloaders or datamodule to fit(), not both.")
-        self._run("fit", module, datamodule, lambda: self._fit(train_dataloaders, val_dataloaders))
+        self._run("fit", module, datamodule, lambda: self._fit(train_dataloaders, val_dataloaders, ckpt_path))
 
     def validate(self, module: LoopModule | None = None, dataloaders: Iterable | None = None,
                  datamodule: DataModule | None = None) -> list[dict[str, float]]:
@@ -247,6 +255,7 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True)
         status = "failed"
+        previous_handlers = self._catch_stop_signals() if stage == "fit" else {}
         try:
             self.strategy.setup_environment()
             if datamodule is not None:
@@ -262,7 +271,10 @@ class Trainer:
             self.hooks.callbacks("on_exception", exc)
             raise
         finally:
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
             module._results = None
+            self._writer.wait()
             self.hooks.callbacks("teardown", stage)
             self.hooks.module("teardown", stage)
             if datamodule is not None:
@@ -272,7 +284,7 @@ class Trainer:
                     lg.finalize(status)
             self.strategy.teardown()
 
-    def _fit(self, train_dataloaders: Iterable | None, val_dataloaders: Iterable | None) -> None:
+    def _fit(self, train_dataloaders: Iterable | None, val_dataloaders: Iterable | None, ckpt_path: str | None) -> None:
         assert self.module is not None
         self.train_dataloader = self._prepare(self._dataloader("train", train_dataloaders, self.datamodule), train=True)
         self.num_training_batches = _num_batches(self.train_dataloader, self.limit_train_batches, "train")
@@ -286,6 +298,8 @@ class Trainer:
         self.val_check_batches = self._val_check_batches()
         self.optimizer, self.lr_scheduler_configs = _parse_optimizers(self.module.configure_optimizers())
         self.hooks("on_fit_start")
+        if ckpt_path is not None:
+            self._restore(ckpt_path)
         self.fit_loop.run()
         self.hooks("on_fit_end")
 
@@ -355,10 +369,136 @@ class Trainer:
             self.sanity_checking = False
         val_loop.results.clear()
 
+    # ------------------------------------------------------------ checkpoints
+    @property
+    def checkpoint_callbacks(self) -> list[ModelCheckpoint]:
+        return [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
+
+    def checkpoint_dirs(self) -> list[str]:
+        """Where ``ckpt_path="last"`` looks: each ModelCheckpoint's directory, then the default one."""
+        dirs = [cb.dirpath for cb in self.checkpoint_callbacks if cb.dirpath]
+        return dirs + [os.path.join(self.default_root_dir, "checkpoints")]
+
+    def save_checkpoint(self, path: str, blocking: bool = True, then: Any = None) -> None:
+        """Save the whole run to ``path``. A collective: every rank calls it; global rank zero writes.
+
+        With ``blocking=False`` training waits only for a copy of the state, and the file is
+        written in the background (``then(path)`` runs once it is complete).
+        """
+        assert self.module is not None
+        self.strategy.check_all_ranks_here("Trainer.save_checkpoint")
+        loops = {"fit_loop": self.fit_loop.state_dict()}  # syncs logged values: a collective
+        rng = self.strategy.gather_object(capture_rng())
+        if self.is_global_zero:
+            state: dict[str, Any] = {
+                "format": FORMAT,
+                "version": VERSION,
+                "global_step": self.global_step,
+                "epoch": self.current_epoch,
+                "world_size": self.world_size,
+                "module": self.strategy.module_state_dict(),
+                "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+                "lr_schedulers": [c.scheduler.state_dict() for c in self.lr_scheduler_configs],
+                "precision": self.strategy.precision.state_dict(),
+                "loops": loops,
+                "callbacks": {cb.state_key: cb.state_dict() for cb in self.callbacks},
+                "rng": rng,
+                "config": self.config,
+            }
+            assert self.hooks is not None
+            self.hooks.module("on_save_checkpoint", state)
+            if blocking:
+                self._writer.wait()
+                write_atomic(state, path)
+                if then is not None:
+                    then(path)
+            else:
+                self._writer.submit(snapshot(state), path, then)
+        if blocking:
+            self.strategy.barrier()
+
+    def _restore(self, ckpt_path: str) -> None:
+        """Load a checkpoint into the module, optimizer, schedulers, callbacks, loops and RNGs."""
+        assert self.module is not None
+        if ckpt_path == "last":
+            found = None
+            if self.is_global_zero:
+                path, state, skipped = newest_valid(self.checkpoint_dirs())
+                for note in skipped:
+                    print(f"distloop: skipping a bad checkpoint: {note}", file=sys.stderr)
+                found = path
+            found = self.strategy.broadcast(found)
+            if found is None:
+                if self.is_global_zero:
+                    print(f"distloop: no checkpoint in {self.checkpoint_dirs()}; starting from scratch.",
+                          file=sys.stderr)
+                return
+            if not self.is_global_zero:
+                state = load(found)
+            ckpt_path = found
+        else:
+            state = load(ckpt_path)
+        _check_module_state(self.module, state["module"], ckpt_path)
+        self.strategy.load_module_state_dict(state["module"])
+        if self.optimizer is not None and state.get("optimizer") is not None:
+            try:
+                self.optimizer.load_state_dict(state["optimizer"])
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(f"The optimizer state in {ckpt_path} does not fit this optimizer: {err}") from err
+        if len(state["lr_schedulers"]) != len(self.lr_scheduler_configs):
+            raise CheckpointError(f"{ckpt_path} holds {len(state['lr_schedulers'])} LR schedulers; "
+                                  f"configure_optimizers() made {len(self.lr_scheduler_configs)}.")
+        for config, sched_state in zip(self.lr_scheduler_configs, state["lr_schedulers"]):
+            config.scheduler.load_state_dict(sched_state)
+        self.strategy.precision.load_state_dict(state["precision"])
+        for cb in self.callbacks:
+            if cb.state_key in state["callbacks"]:
+                cb.load_state_dict(state["callbacks"][cb.state_key])
+        self.fit_loop.load_state_dict(state["loops"]["fit_loop"])
+        assert self.hooks is not None
+        self.hooks.module("on_load_checkpoint", state)
+        if self.global_rank < len(state["rng"]):
+            restore_rng(state["rng"][self.global_rank])
+        if self.is_global_zero:
+            print(f"distloop: resumed from {ckpt_path} (epoch {self.current_epoch}, step {self.global_step})",
+                  file=sys.stderr)
+
+    def at_resumable_point(self) -> None:
+        """After a whole optimizer step or epoch: write the checkpoints that are due, honour a stop request."""
+        if self.world_size == 1:
+            flags = self._local_flags()
+        else:  # agreed at the last metrics read, inside its key check: no collective of its own
+            flags, self._agreed_flags = self._agreed_flags, 0
+        for cb in self.checkpoint_callbacks:
+            cb.save_if_due(self, time_agreed=bool(flags & 2))
+        if flags & 1:
+            path = os.path.join(self.checkpoint_dirs()[0], f"preempted-step={self.global_step}.ckpt")
+            self.save_checkpoint(path)
+            if self.is_global_zero:
+                print(f"distloop: stop requested; saved {path}. Exiting with code {Preempted(path).code} "
+                      "(resume with ckpt_path='last').", file=sys.stderr, flush=True)
+            raise Preempted(path)
+
+    def _local_flags(self) -> int:
+        time_due = any(cb.time_due() for cb in self.checkpoint_callbacks)
+        return int(self._stop_requested) | (int(time_due) << 1)
+
+    def _catch_stop_signals(self) -> dict[int, Any]:
+        """SIGTERM (and SIGUSR1, SLURM's warning) ask for a checkpoint and a clean stop at the next step."""
+        self._stop_requested = False
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def request_stop(signum: int, frame: Any) -> None:
+            self._stop_requested = True
+
+        return {signum: signal.signal(signum, request_stop) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+
     # ------------------------------------------------------------ used by the loops
     def read_metrics(self, results: ResultCollection, on_step: bool) -> dict[str, float]:
         """Read (and sync) logged values: the one place metrics reach callbacks, the bar and loggers."""
-        out = results.metrics(on_step)
+        out = results.metrics(on_step, flags=self._local_flags())
+        self._agreed_flags |= results.agreed_flags
         self.callback_metrics.update(out["callback"])
         pbar, log = out["pbar"], out["log"]
         names = list(pbar) + list(log)
@@ -402,10 +542,13 @@ class Trainer:
             else:
                 config.scheduler.step()
 
-    def set_data_epoch(self, epoch: int) -> None:
-        """Tell the training sampler which epoch it is, so each epoch shuffles differently."""
-        for holder in (getattr(self.train_dataloader, "sampler", None),
-                       getattr(self.train_dataloader, "batch_sampler", None), self.train_dataloader):
+    def set_data_epoch(self, epoch: int, samples_seen: int = 0) -> None:
+        """Point the training sampler at ``epoch``, past the ``samples_seen`` already trained on."""
+        sampler = getattr(self.train_dataloader, "sampler", None)
+        if isinstance(sampler, ResumableSampler):
+            sampler.set_epoch(epoch, min(samples_seen, sampler.num_samples))
+            return
+        for holder in (sampler, getattr(self.train_dataloader, "batch_sampler", None), self.train_dataloader):
             if holder is not None and hasattr(holder, "set_epoch"):
                 holder.set_epoch(epoch)
                 return
@@ -455,6 +598,21 @@ def _check_module(module: Any, stage: str) -> None:
             if getattr(type(module), hook) is getattr(LoopModule, hook):
                 raise MisconfigurationError(
                     f"{type(module).__name__} does not define `{hook}`, which trainer.fit() needs.")
+
+
+def _check_module_state(module: LoopModule, saved: dict[str, Tensor], path: str) -> None:
+    """A clear list of what differs, before ``load_state_dict`` fails deep inside."""
+    current = module.state_dict()
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    shapes = sorted(f"{k}: checkpoint {tuple(saved[k].shape)} vs module {tuple(current[k].shape)}"
+                    for k in set(current) & set(saved) if saved[k].shape != current[k].shape)
+    if missing or unexpected or shapes:
+        parts = [f"missing from the checkpoint: {missing}" if missing else "",
+                 f"not in the module: {unexpected}" if unexpected else "",
+                 f"other shapes: {shapes}" if shapes else ""]
+        raise MisconfigurationError(f"{path} does not fit {type(module).__name__}: "
+                                    + "; ".join(p for p in parts if p) + ".")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

@@ -164,3 +164,21 @@ def test_resumable_sampler_shards_without_loss():
     other_epoch = ResumableSampler(n, 1, 0, shuffle=True, seed=4)
     other_epoch.set_epoch(1)
     assert list(other_epoch) != full
+
+
+def _rank_zero(rank, world_size, path):
+    from distloop import rank_zero_only
+
+    @rank_zero_only
+    def write(text):
+        with open(path, "a") as f:
+            f.write(text)
+        return "wrote"
+
+    assert write(f"rank {rank}\n") == ("wrote" if rank == 0 else None)
+
+
+@pytest.mark.timeout(120)
+def test_rank_zero_only_runs_once(tmp_path):
+    spawn(_rank_zero, 2, str(tmp_path / "out.txt"), init=False)
+    assert (tmp_path / "out.txt").read_text() == "rank 0\n"

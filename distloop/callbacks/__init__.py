@@ -2,6 +2,7 @@
 
 from distloop.callbacks.callback import Callback
 from distloop.callbacks.early_stopping import EarlyStopping
+from distloop.callbacks.model_checkpoint import ModelCheckpoint
 from distloop.callbacks.progress import ProgressBar
 
-__all__ = ["Callback", "EarlyStopping", "ProgressBar"]
+__all__ = ["Callback", "EarlyStopping", "ModelCheckpoint", "ProgressBar"]

@@ -1,4 +1,10 @@
-"""One batch of look-ahead, so a loop knows a batch is the last before it runs it."""
+"""Batches of an epoch, each with whether it is the last one.
+
+When the data has a length, "last" is known by counting, and nothing is fetched before it
+is needed: fetching may draw random numbers (augmentations), and a batch drawn ahead of a
+checkpoint would shift the random stream of a resumed run. Data without a length is read
+one batch ahead instead.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,11 @@ class Prefetcher:
         self._iterator = iter(iterable)
         self._limit = limit
         self.fetched = 0
-        self._next = self._fetch()
+        try:
+            self._count: float | None = min(limit, len(iterable))  # type: ignore[arg-type]
+        except TypeError:
+            self._count = None
+        self._next = self._fetch() if self._count is None else None
 
     def _fetch(self) -> Any:
         if self.fetched >= self._limit:
@@ -31,6 +41,13 @@ class Prefetcher:
         return self
 
     def __next__(self) -> tuple[Any, bool]:
+        if self._count is not None:
+            if self.fetched >= self._count:
+                raise StopIteration
+            batch = self._fetch()
+            if batch is _END:
+                raise StopIteration
+            return batch, self.fetched >= self._count
         batch = self._next
         if batch is _END:
             raise StopIteration

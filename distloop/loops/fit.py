@@ -48,7 +48,6 @@ class FitLoop(Loop):
     def on_advance_start(self) -> None:
         trainer = self.trainer
         self.epoch_progress.increment_ready()
-        trainer.set_data_epoch(self.epoch_progress.current.completed)
         trainer.hooks("on_train_epoch_start")
         self.epoch_progress.increment_started()
 
@@ -65,6 +64,10 @@ class FitLoop(Loop):
         trainer.step_schedulers("epoch")
         trainer.should_stop = trainer.strategy.reduce_boolean_decision(trainer.should_stop, all=False)
         self.epoch_progress.increment_completed()
+        # Between epochs the run can be resumed exactly; a checkpoint written here must hold
+        # an epoch loop ready for the next epoch, not the finished one.
+        self.epoch_loop.reset()
+        trainer.at_resumable_point()
 
     def on_run_end(self) -> None:
         self.trainer.hooks("on_train_end")

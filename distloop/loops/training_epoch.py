@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from distloop.loops.evaluation import EvaluationLoop
 from distloop.loops.fetcher import Prefetcher
 from distloop.loops.loop import Loop
 from distloop.loops.optimization import AutomaticOptimization
+from distloop.module import batch_size_of
 from distloop.progress import BatchProgress, OptimizationProgress
 from distloop.results import ResultCollection
 
 
 class TrainingEpochLoop(Loop):
-    """``advance`` = one batch: forward, backward, maybe an optimizer step, maybe validation."""
+    """``advance`` = one batch: forward, backward, maybe an optimizer step, maybe validation.
+
+    After a whole optimizer step (and the validation it triggered) the run can be resumed
+    exactly: that is where checkpoints are written and preemption is honoured.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -22,6 +28,8 @@ class TrainingEpochLoop(Loop):
         self.results = ResultCollection(training=True)
         self.val_loop = EvaluationLoop("validate")
         self.optimization = AutomaticOptimization(self.optim_progress)
+        self.samples_seen = 0  # global: summed over ranks, the data position within the epoch
+        self._accumulating = False
         self._batches: Prefetcher | None = None
 
     def connect(self, val_loop: EvaluationLoop | None = None) -> None:
@@ -43,13 +51,17 @@ class TrainingEpochLoop(Loop):
             self.batch_progress.reset_on_run()
             self.optim_progress.reset_on_run()
             self.results.clear()
+            self.samples_seen = 0
 
     def on_run_start(self, dataloader: Any) -> None:
         trainer = self.trainer
         self.results.device = trainer.strategy.root_device
         self.results.sync_fn = trainer.strategy.reduce
         trainer.module._results = self.results
-        self._batches = Prefetcher(dataloader, trainer.num_training_batches)
+        trainer.set_data_epoch(trainer.current_epoch, self.samples_seen)
+        done = self.batch_progress.current.completed
+        limit = math.inf if trainer.limit_train_batches == 1.0 else trainer.num_training_batches - done
+        self._batches = Prefetcher(dataloader, limit)
 
     def advance(self, dataloader: Any) -> None:
         batch, batch_idx = self.fetch_batch()
@@ -57,8 +69,8 @@ class TrainingEpochLoop(Loop):
         if trainer.hooks("on_train_batch_start", batch, batch_idx) == -1:
             raise StopIteration  # Lightning's convention: -1 skips the rest of the epoch
         progress.increment_started()
-        accumulating = (batch_idx + 1) % trainer.accumulate_grad_batches != 0 and not progress.is_last_batch
-        outputs = self.optimization.run(trainer, batch, batch_idx, accumulating)
+        self._accumulating = (batch_idx + 1) % trainer.accumulate_grad_batches != 0 and not progress.is_last_batch
+        outputs = self.optimization.run(trainer, batch, batch_idx, self._accumulating)
         progress.increment_processed()
         trainer.hooks("on_train_batch_end", outputs, batch, batch_idx)
         progress.increment_completed()
@@ -71,6 +83,7 @@ class TrainingEpochLoop(Loop):
         assert self._batches is not None
         batch, self.batch_progress.is_last_batch = next(self._batches)
         trainer, module = self.trainer, self.trainer.module
+        self.samples_seen += batch_size_of(batch) * trainer.world_size
         batch = trainer.strategy.batch_to_device(batch)
         batch_idx = self.batch_progress.current.ready
         self.batch_progress.increment_ready()
@@ -78,10 +91,18 @@ class TrainingEpochLoop(Loop):
         return batch, batch_idx
 
     def on_advance_end(self) -> None:
+        trainer = self.trainer
         if self._should_validate():
-            trainer = self.trainer
             self.val_loop.run(trainer.val_dataloader, trainer.num_val_batches)
             trainer.module._results = self.results
+        if not self._accumulating:
+            trainer.at_resumable_point()
+
+    def on_save_checkpoint(self) -> dict:
+        return {"samples_seen": self.samples_seen}
+
+    def on_load_checkpoint(self, state_dict: dict) -> None:
+        self.samples_seen = state_dict.get("samples_seen", 0)
 
     def _should_validate(self) -> bool:
         trainer = self.trainer

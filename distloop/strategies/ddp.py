@@ -88,6 +88,7 @@ class DDPStrategy(Strategy):
         self.static_graph = static_graph
         self.gradient_as_bucket_view = gradient_as_bucket_view
         self.group: Any = None
+        self._gloo_group: Any = None
         self._owns_default_group = False
         self._ddp: DistributedDataParallel | None = None
 
@@ -125,6 +126,8 @@ class DDPStrategy(Strategy):
             # Someone (the command, under an outer torchrun) made the default group: give
             # training its own, with this strategy's backend and timeout.
             self.group = dist.new_group(backend=self.backend, timeout=self.timeout)
+        # Object collectives and the monitored barrier run on CPU, over gloo.
+        self._gloo_group = self.group if self.backend == "gloo" else dist.new_group(backend="gloo", timeout=self.timeout)
 
     def setup_module(self, module: nn.Module) -> nn.Module:
         self.module = module.to(self.root_device)
@@ -140,7 +143,7 @@ class DDPStrategy(Strategy):
         if self._owns_default_group and dist.is_initialized():
             dist.destroy_process_group()
         self._owns_default_group = False
-        self.group = None
+        self.group = self._gloo_group = None
 
     # --------------------------------------------------------------- per step
     def training_step(self, batch: Any, batch_idx: int) -> Any:
@@ -178,6 +181,20 @@ class DDPStrategy(Strategy):
         parts = [torch.empty_like(tensor) for _ in range(self._world_size)]
         dist.all_gather(parts, tensor.contiguous(), group=self.group)
         return torch.stack(parts)
+
+    def gather_object(self, obj: T) -> list[T]:
+        out: list[Any] = [None] * self._world_size
+        dist.all_gather_object(out, obj, group=self._gloo_group)
+        return out
+
+    def check_all_ranks_here(self, what: str) -> None:
+        try:
+            dist.monitored_barrier(group=self._gloo_group, timeout=self.timeout, wait_all_ranks=True)
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"{what} is a collective: every rank must call it, but not all ranks did within "
+                f"{self.timeout.total_seconds():.0f}s ({err}). Call it on every rank, not under "
+                "`if trainer.is_global_zero:`.") from err
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         votes = torch.tensor(int(bool(decision)), device=self.root_device)

@@ -42,3 +42,9 @@ class SingleDeviceStrategy(Strategy):
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         return decision
+
+    def gather_object(self, obj: T) -> list[T]:
+        return [obj]
+
+    def check_all_ranks_here(self, what: str) -> None:
+        pass

@@ -109,6 +109,14 @@ class Strategy(ABC):
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
         """True if every rank (``all=True``) or any rank (``all=False``) decided True."""
 
+    @abstractmethod
+    def gather_object(self, obj: T) -> list[T]:
+        """Every rank's picklable ``obj``, in rank order (for small things: RNG states)."""
+
+    @abstractmethod
+    def check_all_ranks_here(self, what: str) -> None:
+        """Raise a clear error, instead of hanging, when some rank does not reach this collective."""
+
     # --------------------------------------------------------------- checkpoint state
     def module_state_dict(self) -> dict[str, Tensor]:
         assert self.module is not None

@@ -1,0 +1,177 @@
+"""Checkpoint files: the format, atomic writes (in the background), loading, finding the newest valid one.
+
+A checkpoint is a dict of plain data and tensors, loadable with
+``torch.load(weights_only=True)``: opening one never runs code. It is written to a
+temporary file in the same directory, flushed, fsynced and renamed into place, so a
+crash or a full disk during a write leaves every earlier checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import random
+import tempfile
+import threading
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+FORMAT = "distloop-checkpoint"
+VERSION = 1
+SUFFIX = ".ckpt"
+LAST = "last" + SUFFIX
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file."""
+
+
+def write_atomic(state: dict[str, Any], path: str) -> None:
+    """Write ``state`` to ``path`` so that ``path`` is either the old file or the complete new one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+    except BaseException as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        if isinstance(err, OSError):
+            raise CheckpointError(f"Could not write checkpoint {path}: {err}. Earlier checkpoints are intact.") from err
+        raise
+
+
+def point_last(directory: str, target: str) -> None:
+    """Make ``directory/last.ckpt`` point at ``target``, atomically (a relative symlink)."""
+    link = os.path.join(directory, LAST)
+    tmp = os.path.join(directory, f".{LAST}.{os.getpid()}.tmp")
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(os.path.relpath(target, directory), tmp)
+    os.replace(tmp, link)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load(path: str) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU, or raise ``CheckpointError`` saying what is wrong with it."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"No checkpoint file at {path}.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to unpickle means the same to the user
+        raise CheckpointError(
+            f"{path} is not a readable distloop checkpoint (truncated, corrupt, or another kind of file): "
+            f"{type(err).__name__}: {str(err)[:300]}") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a distloop checkpoint (no '{FORMAT}' marker).")
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} has format version {state['version']}; this distloop reads up to "
+                              f"{VERSION}. Upgrade distloop.")
+    return state
+
+
+def newest_valid(directories: list[str]) -> tuple[str | None, dict[str, Any] | None, list[str]]:
+    """The newest checkpoint that loads, its state, and a note for each newer one that did not."""
+    candidates = []
+    for directory in dict.fromkeys(directories):
+        if not os.path.isdir(directory):
+            continue
+        for name in os.listdir(directory):
+            path = os.path.join(directory, name)
+            if name.endswith(SUFFIX) and not name.startswith(".") and not os.path.islink(path):
+                candidates.append((os.path.getmtime(path), path))
+    skipped = []
+    for _, path in sorted(candidates, reverse=True):
+        try:
+            return path, load(path), skipped
+        except CheckpointError as err:
+            skipped.append(str(err))
+    return None, None, skipped
+
+
+class BackgroundWriter:
+    """Writes snapshots on one background thread, so training waits only for the snapshot.
+
+    An error in a write is raised by the next ``submit`` or ``wait``.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.Queue = queue.Queue(maxsize=1)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, state: dict[str, Any], path: str, then: Callable[[str], None] | None = None) -> None:
+        self.wait()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._work, name="distloop-checkpoint-writer", daemon=True)
+            self._thread.start()
+        self._jobs.put((state, path, then))
+
+    def wait(self) -> None:
+        """Block until every submitted write is on disk; re-raise a failed write's error."""
+        self._jobs.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
+
+    def _work(self) -> None:
+        while True:
+            state, path, then = self._jobs.get()
+            try:
+                write_atomic(state, path)
+                if then is not None:
+                    then(path)
+            except BaseException as err:  # noqa: BLE001 - handed to the training thread
+                self._error = err
+            finally:
+                self._jobs.task_done()
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of ``obj`` whose tensors live on the CPU and are not shared with training."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states, as data ``weights_only`` loading accepts."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,22 @@
+"""The README's Python examples run as written."""
+
+import re
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def test_readme_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    assert len(blocks) == 2
+    namespace: dict = {}
+    exec(blocks[0], namespace)
+    assert namespace["trainer"].global_step > 0
+    assert torch.isfinite(namespace["trainer"].callback_metrics["val_loss"])
+    exec(blocks[1], namespace)
+    namespace["trainer"].fit(namespace["Regressor"](), DataLoader(namespace["data"], batch_size=64))
+    assert namespace["trainer"].global_step == 3 * 2 * 16
