@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import queue
 import random
-import tempfile
+import secrets
 import threading
 from typing import Any, Callable
 
@@ -32,9 +32,10 @@ def write_atomic(state: dict[str, Any], path: str) -> None:
     """Write ``state`` to ``path`` so that ``path`` is either the old file or the complete new one."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    # A hidden name in the same directory (so the rename is atomic), created like any file (umask).
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())

@@ -30,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
+from distloop.checkpoint import CheckpointError
 from distloop.errors import MisconfigurationError
 from distloop.strategies import DDPStrategy
 from distloop.strategies.ddp import distributed_env
@@ -109,10 +110,11 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[Trainer, Any, Any]:
 def run(cfg: DictConfig, run_dir: str) -> float | None:
     """Train (and test) as the config says, on this rank; returns the monitored metric for sweeps."""
     trainer, module, datamodule = build(cfg, run_dir)
+    trainer.config = OmegaConf.to_container(cfg, resolve=True)
     if trainer.is_global_zero:
         for lg in trainer.loggers:
-            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(module, datamodule=datamodule)
+            lg.log_hyperparams(trainer.config)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg.get("resume", "auto")))
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
     if cfg.get("test_after_fit", False):
         final.update(trainer.test(module, datamodule=datamodule)[0])
@@ -123,6 +125,17 @@ def run(cfg: DictConfig, run_dir: str) -> float | None:
     if objective and objective in trainer.callback_metrics:
         return float(trainer.callback_metrics[objective])
     return None
+
+
+def resume_from(resume: str) -> str | None:
+    """``fit``'s ``ckpt_path`` for the ``resume`` setting (see configs/config.yaml)."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 or \
+            int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
+        return "last" if restarted else None
+    return resume
 
 
 def save_resolved(cfg: DictConfig, run_dir: str) -> tuple[DictConfig, str]:
@@ -209,7 +222,7 @@ def _hydra_app(cfg: DictConfig) -> float | None:
                 sys.exit(code)
             return None
         return run(resolved, run_dir)
-    except (MisconfigurationError, FloatingPointError) as err:
+    except (MisconfigurationError, FloatingPointError, CheckpointError) as err:
         _report(err)
         sys.exit(EXIT_USER_ERROR)
 
@@ -239,7 +252,7 @@ def _main_under_outer_launcher() -> None:
         run_dir, container = payload[0]
         try:
             run(OmegaConf.create(container), run_dir)
-        except (MisconfigurationError, FloatingPointError) as err:
+        except (MisconfigurationError, FloatingPointError, CheckpointError) as err:
             _report(err)
             sys.exit(EXIT_USER_ERROR)
     finally:
@@ -260,6 +273,6 @@ def worker_main(config_path: str) -> None:
     cfg = OmegaConf.load(config_path)
     try:
         run(cfg, cfg.run_dir)
-    except (MisconfigurationError, FloatingPointError) as err:
+    except (MisconfigurationError, FloatingPointError, CheckpointError) as err:
         _report(err)
         sys.exit(EXIT_USER_ERROR)

@@ -126,8 +126,9 @@ class DDPStrategy(Strategy):
             # Someone (the command, under an outer torchrun) made the default group: give
             # training its own, with this strategy's backend and timeout.
             self.group = dist.new_group(backend=self.backend, timeout=self.timeout)
-        # Object collectives and the monitored barrier run on CPU, over gloo.
-        self._gloo_group = self.group if self.backend == "gloo" else dist.new_group(backend="gloo", timeout=self.timeout)
+        # Object collectives and the "is every rank here" check run on a gloo group of their
+        # own, so a rank missing from a check cannot tangle with training's collectives.
+        self._gloo_group = dist.new_group(backend="gloo", timeout=self.timeout)
 
     def setup_module(self, module: nn.Module) -> nn.Module:
         self.module = module.to(self.root_device)
