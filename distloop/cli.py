@@ -33,9 +33,9 @@ from omegaconf import DictConfig, OmegaConf
 from distloop.checkpoint import CheckpointError
 from distloop.errors import MisconfigurationError
 from distloop.strategies import DDPStrategy
-from distloop.strategies.ddp import distributed_env
+from distloop.strategies.ddp import distributed_env, init_default_group
 from distloop.strategies.resolve import ACCELERATORS, STRATEGIES
-from distloop.trainer import Trainer
+from distloop.trainer import Trainer, seed_everything
 
 EXIT_USER_ERROR = 2
 _handoff = {"sent": False}  # under an outer launcher: whether rank zero has sent the config
@@ -85,6 +85,8 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[Trainer, Any, Any]:
     if "trainer" not in cfg or "strategy" not in cfg:
         raise MisconfigurationError("The config needs `trainer` and `strategy` groups (see configs/config.yaml).")
     strategy = build_strategy(cfg)
+    if cfg.get("seed") is not None:
+        seed_everything(cfg.seed)  # before the model is built, so its initial weights are the same every run
     module = instantiate(cfg.model, "model")
     datamodule = instantiate(cfg.data, "data")
     callbacks = [instantiate(node, f"callbacks.{name}") for name, node in (cfg.get("callbacks") or {}).items()]
@@ -235,7 +237,7 @@ def _main_under_outer_launcher() -> None:
             print("distloop: error: --multirun cannot run under torchrun/srun; sweep with the plain "
                   "`distloop` command instead.", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=BOOTSTRAP_TIMEOUT_S))
+    init_default_group("gloo", rank, world, timedelta(seconds=BOOTSTRAP_TIMEOUT_S))
     try:
         if rank == 0:
             try:

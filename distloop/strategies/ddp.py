@@ -35,6 +35,33 @@ def distributed_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
+def init_default_group(backend: str, rank: int, world_size: int, timeout: timedelta,
+                       device_id: torch.device | None = None) -> None:
+    """``init_process_group`` from the launcher's environment, safe across torchrun restarts.
+
+    torchrun keeps one TCP store for all restarts of a job, so a restarted rank can read a
+    peer address its previous attempt left there and fail to connect. Keys are therefore
+    put under a prefix naming the attempt.
+    """
+    if "MASTER_ADDR" not in os.environ:
+        if world_size > 1:
+            raise MisconfigurationError(
+                "MASTER_ADDR / MASTER_PORT are not set: start the ranks with `distloop "
+                "launcher.nproc_per_node=N`, torchrun, or export them in your SLURM script.")
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=rank,
+                                world_size=world_size, timeout=timeout, device_id=device_id)
+        return
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id)
+        return
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_store and rank == 0, timeout=timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"distloop/attempt_{attempt}/", store), rank=rank,
+                            world_size=world_size, timeout=timeout, device_id=device_id)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,16 +137,8 @@ class DDPStrategy(Strategy):
         if self.group is not None:
             return
         if not dist.is_initialized():
-            init_method = None
-            if "MASTER_ADDR" not in os.environ:
-                if self._world_size > 1:
-                    raise MisconfigurationError(
-                        "MASTER_ADDR / MASTER_PORT are not set: start the ranks with `distloop "
-                        "launcher.nproc_per_node=N`, torchrun, or export them in your SLURM script.")
-                init_method = f"tcp://127.0.0.1:{_free_port()}"
-            dist.init_process_group(self.backend, init_method=init_method, rank=self._rank,
-                                    world_size=self._world_size, timeout=self.timeout,
-                                    device_id=self.root_device if self.backend == "nccl" else None)
+            init_default_group(self.backend, self._rank, self._world_size, self.timeout,
+                               device_id=self.root_device if self.backend == "nccl" else None)
             self._owns_default_group = True
             self.group = dist.group.WORLD
         else:
