@@ -72,7 +72,8 @@ def load(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise CheckpointError(f"No checkpoint file at {path}.")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: tensors are read from the file as they are used, not all at once on every rank.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any failure to unpickle means the same to the user
         raise CheckpointError(
             f"{path} is not a readable distloop checkpoint (truncated, corrupt, or another kind of file): "
@@ -139,17 +140,31 @@ class BackgroundWriter:
             except BaseException as err:  # noqa: BLE001 - handed to the training thread
                 self._error = err
             finally:
+                state = then = None  # do not hold a checkpoint's worth of memory until the next save
                 self._jobs.task_done()
 
 
-def snapshot(obj: Any) -> Any:
-    """A copy of ``obj`` whose tensors live on the CPU and are not shared with training."""
+def snapshot(obj: Any, _copies: dict | None = None) -> Any:
+    """A copy of ``obj`` whose tensors live on the CPU and are not shared with training.
+
+    Tensors that share memory (tied weights, views) still share it in the copy, so the
+    file is the same as a direct ``torch.save`` would write.
+    """
+    copies = {} if _copies is None else _copies
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
+        tensor = obj.detach()
+        storage = tensor.untyped_storage()
+        key = (tensor.device, storage.data_ptr(), storage.nbytes())
+        if key not in copies:
+            copies[key] = storage.cpu().clone() if tensor.device.type == "cpu" else storage.cpu()
+        return torch.empty(0, dtype=tensor.dtype).set_(copies[key], tensor.storage_offset(), tensor.size(),
+                                                       tensor.stride())
     if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
+        return {k: snapshot(v, copies) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(snapshot(v, copies) for v in obj))
     if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
+        return type(obj)(snapshot(v, copies) for v in obj)
     return obj
 
 

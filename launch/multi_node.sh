@@ -4,7 +4,7 @@
 # torchrun's c10d rendezvous assigns ranks; global rank 0 composes the config and
 # broadcasts the run directory, so the run has one directory (put it on a shared disk).
 set -euo pipefail
-: "${HEAD:?set HEAD to node 0's address}" "${NNODES:?set NNODES}" "${NPROC:?set NPROC (processes per node)}"
+: "${HEAD:?set HEAD to the address of node 0}" "${NNODES:?set NNODES}" "${NPROC:?set NPROC (processes per node)}"
 RUN_ID=${RUN_ID:-distloop}
 PORT=${PORT:-29500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

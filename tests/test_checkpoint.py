@@ -196,3 +196,15 @@ def test_preemption_signal_saves_and_exits_with_the_distinct_code(tmp_path, unin
     _, resumed = fit(str(tmp_path), ckpt_path="last")
     assert_same_weights(uninterrupted[1], resumed)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+def test_snapshot_copies_and_keeps_shared_memory_shared():
+    from distloop.checkpoint import snapshot
+
+    weight = torch.randn(4, 3)
+    copy = snapshot({"a": weight, "tied": weight, "view": weight[1:], "steps": [torch.tensor(3)]})
+    storage = copy["a"].untyped_storage().data_ptr()
+    assert copy["tied"].untyped_storage().data_ptr() == copy["view"].untyped_storage().data_ptr() == storage
+    assert storage != weight.untyped_storage().data_ptr()
+    weight.add_(1.0)
+    assert not torch.equal(copy["a"], weight) and torch.equal(copy["view"], copy["a"][1:])

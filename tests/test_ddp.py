@@ -182,3 +182,18 @@ def _rank_zero(rank, world_size, path):
 def test_rank_zero_only_runs_once(tmp_path):
     spawn(_rank_zero, 2, str(tmp_path / "out.txt"), init=False)
     assert (tmp_path / "out.txt").read_text() == "rank 0\n"
+
+
+def _evaluate_three_times(rank, world_size):
+    trainer = Trainer(strategy="ddp", accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False)
+    module = Classifier()
+    data = DataLoader(uneven_classification(), batch_size=4)
+    for _ in range(3):  # each entry point makes and destroys its own process group
+        [metrics] = trainer.validate(module, data)
+        assert metrics["val_count"] == 25.0
+    assert not dist.is_initialized()
+
+
+@pytest.mark.timeout(180)
+def test_entry_points_can_follow_one_another(tmp_path):
+    spawn(_evaluate_three_times, 2, init=False)

@@ -12,7 +12,8 @@ README = Path(__file__).parent.parent / "README.md"
 def test_readme_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) == 2
+    assert len(blocks) == 3
+    compile(blocks[2], "README resume example", "exec")  # a fragment: it uses the names above
     namespace: dict = {}
     exec(blocks[0], namespace)
     assert namespace["trainer"].global_step > 0

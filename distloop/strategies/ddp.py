@@ -35,14 +35,19 @@ def distributed_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
+_store: Any = None  # one TCP store per process, shared by every process group it makes
+_groups_made = 0
+
+
 def init_default_group(backend: str, rank: int, world_size: int, timeout: timedelta,
                        device_id: torch.device | None = None) -> None:
-    """``init_process_group`` from the launcher's environment, safe across torchrun restarts.
+    """``init_process_group`` from the launcher's environment, safe to repeat and to restart.
 
-    torchrun keeps one TCP store for all restarts of a job, so a restarted rank can read a
-    peer address its previous attempt left there and fail to connect. Keys are therefore
-    put under a prefix naming the attempt.
+    Each group's keys go under a prefix naming the torchrun attempt and how many groups this
+    process has made: torchrun keeps one store across restarts, and ``fit`` then ``test``
+    make a group each, so a rank must never read a peer address left by an earlier group.
     """
+    global _store, _groups_made
     if "MASTER_ADDR" not in os.environ:
         if world_size > 1:
             raise MisconfigurationError(
@@ -51,15 +56,15 @@ def init_default_group(backend: str, rank: int, world_size: int, timeout: timede
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=rank,
                                 world_size=world_size, timeout=timeout, device_id=device_id)
         return
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id)
-        return
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=not agent_store and rank == 0, timeout=timeout)
-    dist.init_process_group(backend, store=dist.PrefixStore(f"distloop/attempt_{attempt}/", store), rank=rank,
-                            world_size=world_size, timeout=timeout, device_id=device_id)
+    if _store is None:
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it
+        _store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                               is_master=not agent_store and rank == 0, timeout=timeout)
+    _groups_made += 1
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store = dist.PrefixStore(f"distloop/attempt_{attempt}/group_{_groups_made}/", _store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
+                            device_id=device_id)
 
 
 def _free_port() -> int:
