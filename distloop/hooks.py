@@ -19,6 +19,7 @@ class Hooks:
         self._callbacks = callbacks
         self._module_fns: dict[str, Callable | None] = {}
         self._callback_fns: dict[str, list[Callable]] = {}
+        self._silent: set[str] = set()
 
     def module(self, name: str, *args: Any) -> Any:
         fn = self._module_fns.get(name, False)
@@ -27,13 +28,12 @@ class Hooks:
             self._module_fns[name] = fn
         if fn is None:
             return None
-        module = self._module
-        previous = module._current_fx
-        module._current_fx = name
+        ctx = self._module._ctx
+        previous, ctx.fx = ctx.fx, name
         try:
             return fn(*args)
         finally:
-            module._current_fx = previous
+            ctx.fx = previous
 
     def callbacks(self, name: str, *args: Any) -> None:
         fns = self._callback_fns.get(name)
@@ -43,17 +43,21 @@ class Hooks:
         if not fns:
             return
         module = self._module
-        previous = module._current_fx
-        module._current_fx = name
+        ctx = module._ctx
+        previous, ctx.fx = ctx.fx, name
         try:
             for fn in fns:
                 fn(self._trainer, module, *args)
         finally:
-            module._current_fx = previous
+            ctx.fx = previous
 
     def __call__(self, name: str, *args: Any) -> Any:
+        if name in self._silent:
+            return None
         out = self.module(name, *args)
         self.callbacks(name, *args)
+        if self._module_fns[name] is None and not self._callback_fns[name]:
+            self._silent.add(name)  # nobody overrides it: later calls cost one set lookup
         return out
 
 

@@ -17,16 +17,28 @@ _STEP_HOOKS = frozenset({"training_step", "on_train_batch_start", "on_train_batc
                          "on_before_zero_grad"})
 
 
+class StepContext:
+    """Where ``self.log`` is called from: the hook, its result collection and batch. Set by the loops.
+
+    A plain object, because setting attributes on an ``nn.Module`` is slow on the hot path.
+    """
+
+    __slots__ = ("fx", "results", "batch", "batch_size")
+
+    def __init__(self) -> None:
+        self.fx: str | None = None
+        self.results: ResultCollection | None = None
+        self.batch: Any = None
+        self.batch_size: int | None = None
+
+
 class LoopModule(nn.Module):
     """Subclass it like a ``LightningModule``: ``training_step``, ``configure_optimizers``, hooks, ``self.log``."""
 
     def __init__(self) -> None:
         super().__init__()
         self._trainer: Any = None
-        self._current_fx: str | None = None
-        self._results: ResultCollection | None = None
-        self._current_batch: Any = None
-        self._batch_size: int | None = None
+        self._ctx = StepContext()
         self._metric_names: dict[int, str] | None = None
 
     # ------------------------------------------------------------ trainer access
@@ -135,8 +147,8 @@ class LoopModule(nn.Module):
         hooks, epoch values everywhere else. An epoch mean is weighted by ``batch_size``
         (found from the batch when not given).
         """
-        results = self._results
-        fx = self._current_fx
+        ctx = self._ctx
+        results, fx = ctx.results, ctx.fx
         if results is None or fx is None:
             raise MisconfigurationError(
                 f"`self.log({name!r}, ...)` was called outside a hook the Trainer runs "
@@ -148,10 +160,12 @@ class LoopModule(nn.Module):
         if on_epoch is None:
             on_epoch = not step_hook
         metric_attribute = None
-        if isinstance(value, Metric):
+        if not isinstance(value, (Tensor, int, float)) and isinstance(value, Metric):
             metric_attribute = self._metric_attribute(value, name)
         elif on_epoch and batch_size is None:
-            batch_size = self._current_batch_size()
+            batch_size = ctx.batch_size
+            if batch_size is None:
+                batch_size = ctx.batch_size = batch_size_of(ctx.batch)
         results.log(fx, name, value, on_step=on_step, on_epoch=on_epoch, reduce_fx=reduce_fx,
                     sync_dist=sync_dist, prog_bar=prog_bar, logger=logger, batch_size=batch_size,
                     metric_attribute=metric_attribute)
@@ -175,12 +189,6 @@ class LoopModule(nn.Module):
             )
         return found
 
-    def _current_batch_size(self) -> int:
-        if self._batch_size is None:
-            self._batch_size = batch_size_of(self._current_batch)
-        return self._batch_size
-
-
 def batch_size_of(batch: Any) -> int:
     """The length of the first tensor found in the batch (1 when there is none)."""
     return _first_tensor_length(batch) or 1
@@ -189,7 +197,7 @@ def batch_size_of(batch: Any) -> int:
 def _first_tensor_length(batch: Any) -> int | None:
     if isinstance(batch, Tensor):
         return batch.shape[0] if batch.ndim else 1
-    if isinstance(batch, Mapping):
+    if isinstance(batch, dict) or (not isinstance(batch, (list, tuple)) and isinstance(batch, Mapping)):
         batch = list(batch.values())
     if isinstance(batch, (list, tuple)):
         for item in batch:

@@ -163,7 +163,18 @@ class ResultCollection:
                     "the same arguments each time, or under another name."
                 )
             result.args = args
-        if result.metric is not None or isinstance(value, Metric):
+        if isinstance(value, Tensor) and result.metric is None:  # the common case first: it is the hot path
+            v = value.detach() if value.requires_grad else value
+            if v.ndim:
+                if v.numel() != 1:
+                    raise MisconfigurationError(
+                        f"`self.log({name!r}, value)` needs a scalar; got a tensor of shape "
+                        f"{tuple(v.shape)}. Reduce it first, e.g. `value.mean()`."
+                    )
+                v = v.reshape(())
+            if not v.is_floating_point():
+                v = v.to(torch.get_default_dtype())
+        elif result.metric is not None or isinstance(value, Metric):
             if not isinstance(value, Metric):
                 raise MisconfigurationError(
                     f"`{name}` was logged as a torchmetrics Metric in `{fx}` and then as "
@@ -171,10 +182,24 @@ class ResultCollection:
                 )
             result.metric = value
             return
-        v = self._to_tensor(name, value)
+        elif isinstance(value, (int, float)):
+            v = torch.tensor(float(value), device=self.device)
+        else:
+            raise MisconfigurationError(
+                f"`self.log({name!r}, value)` takes a number, a scalar tensor or a torchmetrics "
+                f"Metric; got {type(value).__name__}."
+            )
         result.last = v
-        if on_epoch:
-            result.accumulate(v, 1 if batch_size is None else batch_size)
+        if not on_epoch:
+            return
+        if batch_size is None:
+            batch_size = 1
+        acc = result.value
+        if acc is not None and result.meta.reduce_fx == "mean" and not isinstance(batch_size, Tensor):
+            acc.add_(v, alpha=batch_size)  # the usual case, inline: one kernel
+            result.weight += batch_size
+        else:
+            result.accumulate(v, batch_size)
 
     def _new_result(self, key: str, fx: str, name: str, value: Any, args: tuple) -> _Result:
         result = _Result(self._make_meta(fx, name, value, args), args)
@@ -205,26 +230,6 @@ class ResultCollection:
             )
         return _Meta(fx, name, bool(on_step), bool(on_epoch), op, bool(sync_dist),
                      bool(prog_bar), bool(logger), metric_attribute)
-
-    def _to_tensor(self, name: str, value: Any) -> Tensor:
-        if isinstance(value, Tensor):
-            if value.numel() != 1:
-                raise MisconfigurationError(
-                    f"`self.log({name!r}, value)` needs a scalar; got a tensor of shape "
-                    f"{tuple(value.shape)}. Reduce it first, e.g. `value.mean()`."
-                )
-            v = value.detach()
-            if v.ndim:
-                v = v.reshape(())
-            if not v.is_floating_point():
-                v = v.to(torch.get_default_dtype())
-            return v
-        if isinstance(value, (int, float)):
-            return torch.tensor(float(value), device=self.device)
-        raise MisconfigurationError(
-            f"`self.log({name!r}, value)` takes a number, a scalar tensor or a torchmetrics "
-            f"Metric; got {type(value).__name__}."
-        )
 
     # ------------------------------------------------------------------ reading
     def metrics(self, on_step: bool, flags: int = 0) -> dict[str, dict[str, Tensor]]:

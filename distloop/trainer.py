@@ -152,6 +152,8 @@ class Trainer:
         self._writer = BackgroundWriter()
         self._stop_requested = False  # set by SIGTERM / SIGUSR1
         self._agreed_flags = 0
+        self._checkpoints: list[ModelCheckpoint] = []  # per run: read at every step
+        self._timed: list[ModelCheckpoint] = []
 
     # ------------------------------------------------------------ properties
     @property
@@ -244,6 +246,7 @@ class Trainer:
         self.datamodule = datamodule
         module.trainer = self
         self.hooks = Hooks(self, module, self.callbacks)
+        self._checkpoints, self._timed = self.checkpoint_callbacks, self._timed_checkpoints
         self.should_stop = False
         self.callback_metrics, self.logged_metrics, self.progress_bar_metrics = {}, {}, {}
         for loop in (self.fit_loop, self.validate_loop, self.test_loop, self.predict_loop):
@@ -273,7 +276,7 @@ class Trainer:
         finally:
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
-            module._results = None
+            module._ctx.results = None
             self._writer.wait()
             self.hooks.callbacks("teardown", stage)
             self.hooks.module("teardown", stage)
@@ -374,6 +377,10 @@ class Trainer:
     def checkpoint_callbacks(self) -> list[ModelCheckpoint]:
         return [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
 
+    @property
+    def _timed_checkpoints(self) -> list[ModelCheckpoint]:
+        return [cb for cb in self.checkpoint_callbacks if cb.train_time_interval is not None]
+
     def checkpoint_dirs(self) -> list[str]:
         """Where ``ckpt_path="last"`` looks: each ModelCheckpoint's directory, then the default one."""
         dirs = [cb.dirpath for cb in self.checkpoint_callbacks if cb.dirpath]
@@ -469,7 +476,7 @@ class Trainer:
             flags = self._local_flags()
         else:  # agreed at the last metrics read, inside its key check: no collective of its own
             flags, self._agreed_flags = self._agreed_flags, 0
-        for cb in self.checkpoint_callbacks:
+        for cb in self._checkpoints:
             cb.save_if_due(self, time_agreed=bool(flags & 2))
         if flags & 1:
             path = os.path.join(self.checkpoint_dirs()[0], f"preempted-step={self.global_step}.ckpt")
@@ -480,8 +487,10 @@ class Trainer:
             raise Preempted(path)
 
     def _local_flags(self) -> int:
-        time_due = any(cb.time_due() for cb in self.checkpoint_callbacks)
-        return int(self._stop_requested) | (int(time_due) << 1)
+        flags = int(self._stop_requested)
+        if self._timed and any(cb.time_due() for cb in self._timed):
+            flags |= 2
+        return flags
 
     def _catch_stop_signals(self) -> dict[int, Any]:
         """SIGTERM (and SIGUSR1, SLURM's warning) ask for a checkpoint and a clean stop at the next step."""

@@ -44,7 +44,7 @@ class EvaluationLoop(Loop):
         trainer, module = self.trainer, self.trainer.module
         self._was_training = module.training
         module.eval()
-        self._outer_results, module._results = module._results, self.results
+        self._outer_results, module._ctx.results = module._ctx.results, self.results
         self.results.device = trainer.strategy.root_device
         self.results.sync_fn = trainer.strategy.reduce
         self._batches = Prefetcher(dataloader, max_batches)
@@ -60,17 +60,17 @@ class EvaluationLoop(Loop):
         batch_idx = progress.current.ready
         batch = trainer.strategy.batch_to_device(batch)
         progress.increment_ready()
-        module._current_batch, module._batch_size = batch, None
+        module._ctx.batch, module._ctx.batch_size = batch, None
         stage = self._hook_stage
         trainer.hooks(f"on_{stage}_batch_start", batch, batch_idx)
         progress.increment_started()
         step = f"{stage}_step" if stage != "validation" else "validation_step"
-        module._current_fx = step
+        module._ctx.fx = step
         try:
             with torch.no_grad(), trainer.strategy.precision.autocast():
                 outputs = getattr(module, step)(batch, batch_idx)
         finally:
-            module._current_fx = None
+            module._ctx.fx = None
         progress.increment_processed()
         trainer.hooks(f"on_{stage}_batch_end", outputs, batch, batch_idx)
         progress.increment_completed()
@@ -82,7 +82,7 @@ class EvaluationLoop(Loop):
         metrics = {} if trainer.sanity_checking else trainer.read_metrics(self.results, on_step=False)
         trainer.hooks.callbacks(f"on_{stage}_epoch_end")
         trainer.hooks(f"on_{stage}_end")
-        module._results = self._outer_results
+        module._ctx.results = self._outer_results
         if self._was_training:
             module.train()
         return metrics

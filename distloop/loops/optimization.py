@@ -25,13 +25,14 @@ class AutomaticOptimization:
         module = trainer.module
         strategy = trainer.strategy
         hooks = trainer.hooks
+        ctx = module._ctx
         with strategy.no_backward_sync(accumulating):
-            module._current_fx = "training_step"
+            ctx.fx = "training_step"
             try:
                 with strategy.precision.autocast():
                     outputs = strategy.training_step(batch, batch_idx)
             finally:
-                module._current_fx = None
+                ctx.fx = None
             loss = _loss_of(outputs)
             self.last_loss = loss
             # nan_loss="skip" pays one host sync per step to leave this batch out.
@@ -63,7 +64,7 @@ class AutomaticOptimization:
 
 
 def _loss_of(outputs: Any) -> Tensor:
-    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    loss = outputs if isinstance(outputs, Tensor) or not isinstance(outputs, Mapping) else outputs.get("loss")
     if not isinstance(loss, Tensor):
         what = "a dict without 'loss'" if isinstance(outputs, Mapping) else repr(type(outputs).__name__)
         raise MisconfigurationError(

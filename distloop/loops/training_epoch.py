@@ -57,7 +57,7 @@ class TrainingEpochLoop(Loop):
         trainer = self.trainer
         self.results.device = trainer.strategy.root_device
         self.results.sync_fn = trainer.strategy.reduce
-        trainer.module._results = self.results
+        trainer.module._ctx.results = self.results
         trainer.set_data_epoch(trainer.current_epoch, self.samples_seen)
         done = self.batch_progress.current.completed
         limit = math.inf if trainer.limit_train_batches == 1.0 else trainer.num_training_batches - done
@@ -82,19 +82,21 @@ class TrainingEpochLoop(Loop):
         """The next batch, on the device, counted as ready; ``StopIteration`` when the epoch's data ends."""
         assert self._batches is not None
         batch, self.batch_progress.is_last_batch = next(self._batches)
-        trainer, module = self.trainer, self.trainer.module
-        self.samples_seen += batch_size_of(batch) * trainer.world_size
+        trainer = self.trainer
+        size = batch_size_of(batch)
+        self.samples_seen += size * trainer.world_size
         batch = trainer.strategy.batch_to_device(batch)
         batch_idx = self.batch_progress.current.ready
         self.batch_progress.increment_ready()
-        module._current_batch, module._batch_size = batch, None
+        ctx = trainer.module._ctx
+        ctx.batch, ctx.batch_size = batch, size
         return batch, batch_idx
 
     def on_advance_end(self) -> None:
         trainer = self.trainer
         if self._should_validate():
             self.val_loop.run(trainer.val_dataloader, trainer.num_val_batches)
-            trainer.module._results = self.results
+            trainer.module._ctx.results = self.results
         if not self._accumulating:
             trainer.at_resumable_point()
 

@@ -178,7 +178,7 @@ class DDPStrategy(Strategy):
     def no_backward_sync(self, accumulating: bool) -> ContextManager:
         if accumulating and self._ddp is not None:
             return self._ddp.no_sync()
-        return contextlib.nullcontext()
+        return super().no_backward_sync(accumulating)
 
     # --------------------------------------------------------------- collectives
     def reduce(self, tensor: Tensor, reduce_op: str = "mean") -> Tensor:

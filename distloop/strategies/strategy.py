@@ -63,6 +63,9 @@ class Strategy(ABC):
 
     # --------------------------------------------------------------- per step
     def batch_to_device(self, batch: Any) -> Any:
+        """The batch on the root device; on CPU, as it is (loaders yield CPU tensors)."""
+        if self.root_device.type == "cpu":
+            return batch
         return _to_device(batch, self.root_device)
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
@@ -72,7 +75,7 @@ class Strategy(ABC):
 
     def no_backward_sync(self, accumulating: bool) -> ContextManager:
         """While accumulating, skip the gradient all-reduce (DDP's ``no_sync``)."""
-        return contextlib.nullcontext()
+        return _NO_CONTEXT
 
     def backward(self, loss: Tensor) -> None:
         self.precision.backward(loss)
@@ -128,6 +131,9 @@ class Strategy(ABC):
 
     def optimizer_state_dict(self, optimizer: Optimizer) -> dict:
         return optimizer.state_dict()
+
+
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
