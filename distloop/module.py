@@ -149,6 +149,13 @@ class LoopModule(nn.Module):
         """
         ctx = self._ctx
         results, fx = ctx.results, ctx.fx
+        if results is not None and isinstance(value, Tensor):  # the hot path: see ResultCollection.try_log
+            step_hook = fx in _STEP_HOOKS
+            args = (step_hook if on_step is None else on_step, (not step_hook) if on_epoch is None else on_epoch,
+                    reduce_fx, sync_dist, prog_bar, logger, None)
+            size = ctx.batch_size if batch_size is None else batch_size
+            if size.__class__ is int and results.try_log(fx + "." + name, args, value, size):
+                return
         if results is None or fx is None:
             raise MisconfigurationError(
                 f"`self.log({name!r}, ...)` was called outside a hook the Trainer runs "
@@ -195,6 +202,8 @@ def batch_size_of(batch: Any) -> int:
 
 
 def _first_tensor_length(batch: Any) -> int | None:
+    if type(batch) in (tuple, list) and batch and isinstance(batch[0], Tensor) and batch[0].ndim:
+        return batch[0].shape[0]  # the usual (inputs, targets) batch, without recursion
     if isinstance(batch, Tensor):
         return batch.shape[0] if batch.ndim else 1
     if isinstance(batch, dict) or (not isinstance(batch, (list, tuple)) and isinstance(batch, Mapping)):

@@ -67,10 +67,11 @@ class _Meta:
 class _Result:
     """One logged name: its step value, epoch accumulator, or Metric object."""
 
-    __slots__ = ("meta", "args", "last", "value", "weight", "metric")
+    __slots__ = ("meta", "op", "args", "last", "value", "weight", "metric")
 
     def __init__(self, meta: _Meta, args: tuple) -> None:
         self.meta = meta
+        self.op = meta.reduce_fx
         self.args = args
         self.last: Tensor | None = None
         self.value: Tensor | None = None
@@ -200,6 +201,38 @@ class ResultCollection:
             result.weight += batch_size
         else:
             result.accumulate(v, batch_size)
+
+    def try_log(self, key: str, args: tuple, value: Tensor, batch_size: int) -> bool:
+        """``log`` for a scalar float tensor under arguments this key was logged with before.
+
+        The hot path of ``self.log``: one dict lookup, one kernel. ``False`` means "not that
+        case": call ``log``.
+        """
+        result = self._items.get(key)
+        if result is None or result.args != args or result.metric is not None:
+            return False
+        if value.requires_grad:
+            value = value.detach()
+        acc = result.value
+        if acc is None:
+            if args[1] or value.ndim or not value.is_floating_point():
+                return False  # on_epoch: the first value of an epoch takes the full path
+            result.last = value
+            return True
+        if value.ndim or value.dtype is not acc.dtype:
+            return False
+        op = result.op
+        if op == "mean":
+            acc.add_(value, alpha=batch_size)
+            result.weight += batch_size
+        elif op == "sum":
+            acc.add_(value)
+        elif op == "max":
+            torch.maximum(acc, value, out=acc)
+        else:
+            torch.minimum(acc, value, out=acc)
+        result.last = value
+        return True
 
     def _new_result(self, key: str, fx: str, name: str, value: Any, args: tuple) -> _Result:
         result = _Result(self._make_meta(fx, name, value, args), args)

@@ -472,6 +472,8 @@ class Trainer:
 
     def at_resumable_point(self) -> None:
         """After a whole optimizer step or epoch: write the checkpoints that are due, honour a stop request."""
+        if not (self._checkpoints or self._stop_requested or self._agreed_flags):
+            return  # nothing can be due: the usual step costs one test
         if self.world_size == 1:
             flags = self._local_flags()
         else:  # agreed at the last metrics read, inside its key check: no collective of its own

@@ -59,7 +59,8 @@ class AutomaticOptimization:
         progress.zero_grad.increment_started()
         optimizer.zero_grad(set_to_none=True)
         progress.zero_grad.increment_completed()
-        trainer.step_schedulers("step")
+        if trainer.lr_scheduler_configs:
+            trainer.step_schedulers("step")
         return outputs
 
 

@@ -31,6 +31,8 @@ class TrainingEpochLoop(Loop):
         self.samples_seen = 0  # global: summed over ranks, the data position within the epoch
         self._accumulating = False
         self._batches: Prefetcher | None = None
+        self._world_size = 1  # per run: read at every batch
+        self._validates = False
 
     def connect(self, val_loop: EvaluationLoop | None = None) -> None:
         if val_loop is not None:
@@ -38,7 +40,7 @@ class TrainingEpochLoop(Loop):
 
     @property
     def done(self) -> bool:
-        trainer = self.trainer
+        trainer = self._trainer
         if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
             return True
         return self.batch_progress.is_last_batch or trainer.should_stop
@@ -58,6 +60,8 @@ class TrainingEpochLoop(Loop):
         self.results.device = trainer.strategy.root_device
         self.results.sync_fn = trainer.strategy.reduce
         trainer.module._ctx.results = self.results
+        self._world_size = trainer.world_size
+        self._validates = trainer.val_dataloader is not None and trainer.num_val_batches != 0
         trainer.set_data_epoch(trainer.current_epoch, self.samples_seen)
         done = self.batch_progress.current.completed
         limit = math.inf if trainer.limit_train_batches == 1.0 else trainer.num_training_batches - done
@@ -65,7 +69,7 @@ class TrainingEpochLoop(Loop):
 
     def advance(self, dataloader: Any) -> None:
         batch, batch_idx = self.fetch_batch()
-        trainer, progress = self.trainer, self.batch_progress
+        trainer, progress = self._trainer, self.batch_progress
         if trainer.hooks("on_train_batch_start", batch, batch_idx) == -1:
             raise StopIteration  # Lightning's convention: -1 skips the rest of the epoch
         progress.increment_started()
@@ -82,9 +86,9 @@ class TrainingEpochLoop(Loop):
         """The next batch, on the device, counted as ready; ``StopIteration`` when the epoch's data ends."""
         assert self._batches is not None
         batch, self.batch_progress.is_last_batch = next(self._batches)
-        trainer = self.trainer
+        trainer = self._trainer
         size = batch_size_of(batch)
-        self.samples_seen += size * trainer.world_size
+        self.samples_seen += size * self._world_size
         batch = trainer.strategy.batch_to_device(batch)
         batch_idx = self.batch_progress.current.ready
         self.batch_progress.increment_ready()
@@ -93,8 +97,8 @@ class TrainingEpochLoop(Loop):
         return batch, batch_idx
 
     def on_advance_end(self) -> None:
-        trainer = self.trainer
-        if self._should_validate():
+        trainer = self._trainer
+        if self._validates and self._should_validate():
             self.val_loop.run(trainer.val_dataloader, trainer.num_val_batches)
             trainer.module._ctx.results = self.results
         if not self._accumulating:
