@@ -51,6 +51,10 @@ class Hooks:
         finally:
             ctx.fx = previous
 
+    def may_set_should_stop(self, name: str) -> bool:
+        """Whether a callback's ``name`` hook may have set ``should_stop`` (the same answer on every rank)."""
+        return any(cb.may_set_should_stop and _overridden(cb, Callback, name) is not None for cb in self._callbacks)
+
     def __call__(self, name: str, *args: Any) -> Any:
         if name in self._silent:
             return None

@@ -142,7 +142,9 @@ class Trainer:
         self.num_training_batches: float = math.inf
         self.num_val_batches: float = 0
         self.val_check_batches: int | None = None
-        self.should_stop = False
+        self.should_stop = False  # a request: ranks agree on it at the next metrics read
+        self._stopping = False  # the agreed decision the loops act on
+        self._single = True  # one process: a request is already a decision
         self.sanity_checking = False
         self.callback_metrics: dict[str, Tensor] = {}
         self.logged_metrics: dict[str, Tensor] = {}
@@ -190,6 +192,24 @@ class Trainer:
     @property
     def current_epoch(self) -> int:
         return self.fit_loop.epoch_progress.current.completed
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the loops stop: ``should_stop`` once every rank has agreed on it."""
+        return self.should_stop if self._single else self._stopping
+
+    def stop(self) -> None:
+        """Stop at once. Only for a decision every rank makes alike (e.g. after
+        ``strategy.reduce_boolean_decision``); otherwise set ``should_stop``, which the ranks
+        agree on at the next metrics read."""
+        self.should_stop = self._stopping = True
+
+    def agree_stop(self, hook: str) -> None:
+        """After callbacks' ``hook``: vote on ``should_stop``, only if a callback could have set it since the last read."""
+        assert self.hooks is not None
+        if not self._single and self.hooks.may_set_should_stop(hook):
+            if self.strategy.reduce_boolean_decision(self.should_stop, all=False):
+                self.stop()
 
     @property
     def max_epochs(self) -> int:
@@ -247,7 +267,8 @@ class Trainer:
         module.trainer = self
         self.hooks = Hooks(self, module, self.callbacks)
         self._checkpoints, self._timed = self.checkpoint_callbacks, self._timed_checkpoints
-        self.should_stop = False
+        self.should_stop = self._stopping = False
+        self._single = self.world_size == 1
         self.callback_metrics, self.logged_metrics, self.progress_bar_metrics = {}, {}, {}
         for loop in (self.fit_loop, self.validate_loop, self.test_loop, self.predict_loop):
             loop.trainer = self
@@ -489,7 +510,7 @@ class Trainer:
             raise Preempted(path)
 
     def _local_flags(self) -> int:
-        flags = int(self._stop_requested)
+        flags = int(self._stop_requested) | (4 if self.should_stop else 0)
         if self._timed and any(cb.time_due() for cb in self._timed):
             flags |= 2
         return flags
@@ -509,7 +530,10 @@ class Trainer:
     def read_metrics(self, results: ResultCollection, on_step: bool) -> dict[str, float]:
         """Read (and sync) logged values: the one place metrics reach callbacks, the bar and loggers."""
         out = results.metrics(on_step, flags=self._local_flags())
-        self._agreed_flags |= results.agreed_flags
+        agreed = results.agreed_flags
+        if agreed & 4:
+            self.stop()
+        self._agreed_flags |= agreed & 3
         self.callback_metrics.update(out["callback"])
         pbar, log = out["pbar"], out["log"]
         names = list(pbar) + list(log)

@@ -10,6 +10,10 @@ from typing import Any
 
 
 class Callback:
+    # Whether an epoch-end hook of this callback may set ``trainer.should_stop`` without the
+    # ranks having agreed on it; if so, the ranks vote after it. False spares that vote.
+    may_set_should_stop: bool = True
+
     @property
     def state_key(self) -> str:
         """Key of this callback's state in a checkpoint."""

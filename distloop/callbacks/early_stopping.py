@@ -17,6 +17,8 @@ class EarlyStopping(Callback):
     ``fit`` and is saved in checkpoints.
     """
 
+    may_set_should_stop = False  # it agrees on its decision itself
+
     def __init__(
         self,
         monitor: str,
@@ -95,4 +97,4 @@ class EarlyStopping(Callback):
         should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
         if should_stop:
             self.stopped_epoch = trainer.current_epoch
-            trainer.should_stop = True
+            trainer.stop()  # agreed just above

@@ -29,6 +29,8 @@ class ModelCheckpoint(Callback):
     ``train_time_interval``.
     """
 
+    may_set_should_stop = False
+
     def __init__(
         self,
         dirpath: str | None = None,

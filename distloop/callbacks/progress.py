@@ -16,6 +16,8 @@ class ProgressBar(Callback):
     batches and at epoch ends): the bar itself never forces a sync.
     """
 
+    may_set_should_stop = False
+
     def __init__(self, stream: Any = None) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self._bar: Any = None

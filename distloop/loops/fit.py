@@ -29,7 +29,7 @@ class FitLoop(Loop):
             return True
         if self.max_epochs != -1 and epochs >= self.max_epochs:
             return True
-        return trainer.should_stop and epochs >= self.min_epochs
+        return trainer.stopping and epochs >= self.min_epochs
 
     @property
     def skip(self) -> bool:
@@ -62,7 +62,7 @@ class FitLoop(Loop):
         trainer.read_metrics(self.epoch_loop.results, on_step=False)
         trainer.hooks.callbacks("on_train_epoch_end")
         trainer.step_schedulers("epoch")
-        trainer.should_stop = trainer.strategy.reduce_boolean_decision(trainer.should_stop, all=False)
+        trainer.agree_stop("on_train_epoch_end")
         self.epoch_progress.increment_completed()
         # Between epochs the run can be resumed exactly; a checkpoint written here must hold
         # an epoch loop ready for the next epoch, not the finished one.

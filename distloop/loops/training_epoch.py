@@ -43,7 +43,7 @@ class TrainingEpochLoop(Loop):
         trainer = self._trainer
         if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
             return True
-        return self.batch_progress.is_last_batch or trainer.should_stop
+        return self.batch_progress.is_last_batch or trainer.stopping
 
     def reset(self) -> None:
         if self.restarting:

@@ -35,8 +35,8 @@ def distributed_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
-_store: Any = None  # one TCP store per process, shared by every process group it makes
-_groups_made = 0
+_store: Any = None  # the TCP store behind the default group made here
+_groups_made = 0  # default groups this process has made: part of each one's key prefix
 
 
 def init_default_group(backend: str, rank: int, world_size: int, timeout: timedelta,
@@ -56,15 +56,21 @@ def init_default_group(backend: str, rank: int, world_size: int, timeout: timede
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=rank,
                                 world_size=world_size, timeout=timeout, device_id=device_id)
         return
-    if _store is None:
-        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it
-        _store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                               is_master=not agent_store and rank == 0, timeout=timeout)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it
+    _store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                           is_master=not agent_store and rank == 0, timeout=timeout)
     _groups_made += 1
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"distloop/attempt_{attempt}/group_{_groups_made}/", _store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                             device_id=device_id)
+
+
+def destroy_default_group() -> None:
+    """Destroy the default group and drop its store (a store left alive aborts the process at exit)."""
+    global _store
+    dist.destroy_process_group()
+    _store = None
 
 
 def _free_port() -> int:
@@ -150,9 +156,10 @@ class DDPStrategy(Strategy):
             # Someone (the command, under an outer torchrun) made the default group: give
             # training its own, with this strategy's backend and timeout.
             self.group = dist.new_group(backend=self.backend, timeout=self.timeout)
-        # Object collectives and the "is every rank here" check run on a gloo group of their
-        # own, so a rank missing from a check cannot tangle with training's collectives.
-        self._gloo_group = dist.new_group(backend="gloo", timeout=self.timeout)
+        # Object collectives and the "is every rank here" check need gloo: with NCCL training,
+        # a gloo group of their own (gloo tags each collective, so a rank missing from a check
+        # times out there instead of being mistaken for another collective).
+        self._gloo_group = self.group if self.backend == "gloo" else dist.new_group(backend="gloo", timeout=self.timeout)
 
     def setup_module(self, module: nn.Module) -> nn.Module:
         self.module = module.to(self.root_device)
@@ -164,9 +171,13 @@ class DDPStrategy(Strategy):
         return self.module
 
     def teardown(self) -> None:
-        self._ddp = None
-        if self._owns_default_group and dist.is_initialized():
-            dist.destroy_process_group()
+        self._ddp = None  # before its group goes
+        if dist.is_initialized():
+            if self._owns_default_group:
+                destroy_default_group()
+            else:  # the default group is someone else's: free only the groups made here
+                for group in {id(g): g for g in (self.group, self._gloo_group) if g is not None}.values():
+                    dist.destroy_process_group(group)
         self._owns_default_group = False
         self.group = self._gloo_group = None
 
