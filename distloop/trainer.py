@@ -356,7 +356,7 @@ class Trainer:
             loader = getattr(datamodule, f"{kind}_dataloader")()
             if loader is not None:
                 return loader
-        where = "fit(module, train_dataloaders=...)" if kind == "train" else f"the `dataloaders` argument"
+        where = "fit(module, train_dataloaders=...)" if kind == "train" else "the `dataloaders` argument"
         raise MisconfigurationError(f"No {kind} dataloader: pass one through {where} or a datamodule.")
 
     def _prepare(self, loader: Iterable, train: bool) -> Iterable:

@@ -188,7 +188,6 @@ def test_preemption_signal_saves_and_exits_with_the_distinct_code(tmp_path, unin
             if trainer.global_step == 5 and batch_idx % 2 == 1:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    trainer, module = None, None
     with pytest.raises(Preempted) as stopped:
         fit(str(tmp_path), Term())
     assert stopped.value.code == 75

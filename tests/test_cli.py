@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from _commands import run
+
 pytestmark = pytest.mark.e2e
 
 
@@ -15,11 +17,8 @@ def distloop(tmp_path: Path, *args: str, timeout: float = 240) -> subprocess.Com
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     flags = [a for a in args if a.startswith("--")]
     overrides = [a for a in args if not a.startswith("--")]
-    return subprocess.run(
-        [sys.executable, "-m", "distloop", *flags, f"hydra.run.dir={tmp_path / 'run'}",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides],
-        cwd=tmp_path, capture_output=True, text=True, timeout=timeout, env=env,
-    )
+    return run([sys.executable, "-m", "distloop", *flags, f"hydra.run.dir={tmp_path / 'run'}",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides], timeout, cwd=tmp_path, env=env)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:

@@ -2,6 +2,7 @@
 
 import csv
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from _commands import run
 from _spawn import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.distributed]
@@ -23,8 +25,8 @@ def env():
 
 
 def distloop(run_dir: Path, *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distloop", f"hydra.run.dir={run_dir}", *overrides],
-                          capture_output=True, text=True, timeout=timeout, env=env(), cwd=run_dir.parent)
+    return run([sys.executable, "-m", "distloop", f"hydra.run.dir={run_dir}", *overrides], timeout, env=env(),
+               cwd=run_dir.parent)
 
 
 def last_val_acc(run_dir: Path) -> float:
@@ -62,8 +64,13 @@ def test_two_nodes_on_one_machine_share_one_run_directory(tmp_path):
            "-m", "distloop", f"hydra.run.dir={run_dir}", "strategy=ddp", "trainer.max_epochs=2",
            "test_after_fit=false"]
     nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env(),
-                              cwd=tmp_path) for _ in range(2)]
-    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+                              cwd=tmp_path, start_new_session=True) for _ in range(2)]
+    try:
+        outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    finally:
+        for node in nodes:  # on a timeout, take torchrun's workers down too
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
     assert [node.returncode for node in nodes] == [0, 0], outputs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert (run_dir / "metrics.csv").exists() and (run_dir / "config.yaml").exists()

@@ -3,13 +3,13 @@
 import csv
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _commands import run as run_command
 from _spawn import spawn
 from distloop import Callback, Preempted
 from distloop.checkpoint import load
@@ -126,12 +126,11 @@ def distloop_run(run_dir, *overrides):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
-    return subprocess.run(
+    return run_command(
         [sys.executable, "-m", "distloop", f"hydra.run.dir={run_dir}", "launcher.nproc_per_node=2", "strategy=ddp",
          "trainer.max_epochs=2", "trainer.deterministic=true", "test_after_fit=false", "callbacks=checkpoint",
          "callbacks.checkpoint.every_n_epochs=null", "+callbacks.checkpoint.every_n_train_steps=4",
-         "callbacks.checkpoint.save_top_k=-1", *overrides],
-        capture_output=True, text=True, timeout=400, env=env, cwd=run_dir.parent)
+         "callbacks.checkpoint.save_top_k=-1", *overrides], 400, env=env, cwd=run_dir.parent)
 
 
 @pytest.mark.e2e

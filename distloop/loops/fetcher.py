@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+from distloop.progress import BatchProgress
+
 _END = object()
 
 
@@ -53,3 +55,11 @@ class Prefetcher:
             raise StopIteration
         self._next = self._fetch()
         return batch, self._next is _END
+
+
+def next_batch(batches: Prefetcher, progress: BatchProgress, strategy: Any) -> tuple[Any, int]:
+    """The next batch, on the device, and its index, counted as ready; ``StopIteration`` at the end."""
+    batch, progress.is_last_batch = next(batches)
+    batch_idx = progress.current.ready
+    progress.increment_ready()
+    return strategy.batch_to_device(batch), batch_idx

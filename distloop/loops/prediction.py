@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from distloop.loops.fetcher import Prefetcher
+from distloop.loops.fetcher import Prefetcher, next_batch
 from distloop.loops.loop import Loop
 from distloop.progress import BatchProgress
 
@@ -35,13 +35,8 @@ class PredictionLoop(Loop):
 
     def advance(self, dataloader: Any, max_batches: float = math.inf) -> None:
         assert self._batches is not None
-        batch, is_last = next(self._batches)
-        trainer, module = self.trainer, self.trainer.module
-        progress = self.batch_progress
-        progress.is_last_batch = is_last
-        batch_idx = progress.current.ready
-        batch = trainer.strategy.batch_to_device(batch)
-        progress.increment_ready()
+        trainer, module, progress = self.trainer, self.trainer.module, self.batch_progress
+        batch, batch_idx = next_batch(self._batches, progress, trainer.strategy)
         trainer.hooks("on_predict_batch_start", batch, batch_idx)
         progress.increment_started()
         with torch.no_grad(), trainer.strategy.precision.autocast():

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from distloop.loops.evaluation import EvaluationLoop
-from distloop.loops.fetcher import Prefetcher
+from distloop.loops.fetcher import Prefetcher, next_batch
 from distloop.loops.loop import Loop
 from distloop.loops.optimization import AutomaticOptimization
 from distloop.module import batch_size_of
@@ -85,13 +85,10 @@ class TrainingEpochLoop(Loop):
     def fetch_batch(self) -> tuple[Any, int]:
         """The next batch, on the device, counted as ready; ``StopIteration`` when the epoch's data ends."""
         assert self._batches is not None
-        batch, self.batch_progress.is_last_batch = next(self._batches)
         trainer = self._trainer
+        batch, batch_idx = next_batch(self._batches, self.batch_progress, trainer.strategy)
         size = batch_size_of(batch)
         self.samples_seen += size * self._world_size
-        batch = trainer.strategy.batch_to_device(batch)
-        batch_idx = self.batch_progress.current.ready
-        self.batch_progress.increment_ready()
         ctx = trainer.module._ctx
         ctx.batch, ctx.batch_size = batch, size
         return batch, batch_idx

@@ -7,7 +7,6 @@ gloo on CPU, unless ``backend`` says otherwise.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from datetime import timedelta
