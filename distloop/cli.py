@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from distloop.checkpoint import CheckpointError
 from distloop.errors import MisconfigurationError
 from distloop.strategies import DDPStrategy
-from distloop.strategies.ddp import destroy_default_group, distributed_env, init_default_group
+from distloop.strategies.ddp import distributed_env, init_default_group
 from distloop.strategies.resolve import ACCELERATORS, STRATEGIES
 from distloop.trainer import Trainer, seed_everything
 
@@ -259,7 +259,7 @@ def _main_under_outer_launcher() -> None:
             sys.exit(EXIT_USER_ERROR)
     finally:
         if dist.is_initialized():
-            destroy_default_group()
+            dist.destroy_process_group()
 
 
 def main() -> None:

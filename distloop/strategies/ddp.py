@@ -7,6 +7,7 @@ gloo on CPU, unless ``backend`` says otherwise.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from datetime import timedelta
@@ -34,7 +35,7 @@ def distributed_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
-_store: Any = None  # the TCP store behind the default group made here
+_store: Any = None  # one TCP store per process (rank 0 may host it: its port stays taken), shared by the groups
 _groups_made = 0  # default groups this process has made: part of each one's key prefix
 
 
@@ -55,9 +56,11 @@ def init_default_group(backend: str, rank: int, world_size: int, timeout: timede
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=rank,
                                 world_size=world_size, timeout=timeout, device_id=device_id)
         return
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it
-    _store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                           is_master=not agent_store and rank == 0, timeout=timeout)
+    if _store is None:
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it
+        _store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                               is_master=not agent_store and rank == 0, timeout=timeout)
+        atexit.register(_release_store)
     _groups_made += 1
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     store = dist.PrefixStore(f"distloop/attempt_{attempt}/group_{_groups_made}/", _store)
@@ -65,10 +68,9 @@ def init_default_group(backend: str, rank: int, world_size: int, timeout: timede
                             device_id=device_id)
 
 
-def destroy_default_group() -> None:
-    """Destroy the default group and drop its store (a store left alive aborts the process at exit)."""
+def _release_store() -> None:
+    """At exit, while the interpreter still runs: a store destroyed later, at teardown, aborts the process."""
     global _store
-    dist.destroy_process_group()
     _store = None
 
 
@@ -173,7 +175,7 @@ class DDPStrategy(Strategy):
         self._ddp = None  # before its group goes
         if dist.is_initialized():
             if self._owns_default_group:
-                destroy_default_group()
+                dist.destroy_process_group()
             else:  # the default group is someone else's: free only the groups made here
                 for group in {id(g): g for g in (self.group, self._gloo_group) if g is not None}.values():
                     dist.destroy_process_group(group)
