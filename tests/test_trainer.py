@@ -175,16 +175,32 @@ def test_fit_again_starts_clean():
     assert stopper.wait_count < 99
 
 
-def test_three_folds_equal_fresh_trainers():
+FOLD_SCRIPT = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_trainer import Linear, make_data, trainer
+fold = make_data()[{fold}::3]
+module = Linear()
+trainer(max_epochs=2, seed=7).fit(module, fold)
+torch.save(module.state_dict(), {out!r})
+"""
+
+
+def test_three_folds_on_one_trainer_equal_fresh_processes(tmp_path):
+    import subprocess
+    import sys
+
     data = make_data()
-    folds = [data[i::3] for i in range(3)]
     shared = trainer(max_epochs=2, seed=7)
-    for fold in folds:
-        a, b = Linear(), Linear()
-        shared.fit(a, fold)
-        trainer(max_epochs=2, seed=7).fit(b, fold)
-        for pa, pb in zip(a.parameters(), b.parameters()):
-            assert torch.equal(pa, pb)
+    for fold in range(3):
+        module = Linear()
+        shared.fit(module, data[fold::3])
+        out = tmp_path / f"fold{fold}.pt"
+        script = FOLD_SCRIPT.format(tests=os.path.dirname(__file__), fold=fold, out=str(out))
+        subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+        fresh = torch.load(out, weights_only=True)
+        for name, value in module.state_dict().items():
+            assert torch.equal(value, fresh[name]), (fold, name)
 
 
 def test_early_stopping_stops_and_requires_its_metric():
