@@ -113,15 +113,17 @@ class Progress(BaseProgress):
         self.current.ready += 1
 
     def increment_started(self) -> None:
-        if not isinstance(self.total, StartedTracker):
-            raise TypeError(f"`{type(self.total).__name__}` has no `started` counter")
-        self.total.started += 1
+        try:
+            self.total.started += 1  # type: ignore[attr-defined]
+        except AttributeError:
+            raise TypeError(f"`{type(self.total).__name__}` has no `started` counter") from None
         self.current.started += 1  # type: ignore[attr-defined]
 
     def increment_processed(self) -> None:
-        if not isinstance(self.total, ProcessedTracker):
-            raise TypeError(f"`{type(self.total).__name__}` has no `processed` counter")
-        self.total.processed += 1
+        try:
+            self.total.processed += 1  # type: ignore[attr-defined]
+        except AttributeError:
+            raise TypeError(f"`{type(self.total).__name__}` has no `processed` counter") from None
         self.current.processed += 1  # type: ignore[attr-defined]
 
     def increment_completed(self) -> None:

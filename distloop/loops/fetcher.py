@@ -43,13 +43,13 @@ class Prefetcher:
         return self
 
     def __next__(self) -> tuple[Any, bool]:
-        if self._count is not None:
-            if self.fetched >= self._count:
+        count = self._count
+        if count is not None:
+            if self.fetched >= count:
                 raise StopIteration
-            batch = self._fetch()
-            if batch is _END:
-                raise StopIteration
-            return batch, self.fetched >= self._count
+            batch = next(self._iterator)  # StopIteration here ends the epoch early: fine
+            self.fetched += 1
+            return batch, self.fetched >= count
         batch = self._next
         if batch is _END:
             raise StopIteration

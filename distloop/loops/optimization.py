@@ -22,31 +22,39 @@ class AutomaticOptimization:
 
     def run(self, trainer: Any, batch: Any, batch_idx: int, accumulating: bool) -> Any:
         """One training batch; steps the optimizer unless ``accumulating``."""
-        module = trainer.module
-        strategy = trainer.strategy
-        hooks = trainer.hooks
-        ctx = module._ctx
-        with strategy.no_backward_sync(accumulating):
-            ctx.fx = "training_step"
-            try:
+        if accumulating:
+            with trainer.strategy.no_backward_sync(True):
+                return self.backward(trainer, batch, batch_idx)
+        outputs = self.backward(trainer, batch, batch_idx)
+        self.step(trainer)
+        return outputs
+
+    def backward(self, trainer: Any, batch: Any, batch_idx: int) -> Any:
+        """Forward (under the precision's autocast) and backward; returns what ``training_step`` returned."""
+        strategy, hooks, ctx = trainer.strategy, trainer.hooks, trainer.module._ctx
+        ctx.fx = "training_step"
+        try:
+            if strategy.precision.precision == "32":  # no autocast to enter: the per-step cost counts
+                outputs = strategy.training_step(batch, batch_idx)
+            else:
                 with strategy.precision.autocast():
                     outputs = strategy.training_step(batch, batch_idx)
-            finally:
-                ctx.fx = None
-            loss = _loss_of(outputs)
-            self.last_loss = loss
-            # nan_loss="skip" pays one host sync per step to leave this batch out.
-            skipped = trainer.nan_loss == "skip" and not bool(torch.isfinite(loss))
-            if not skipped:
-                if trainer.accumulate_grad_batches > 1:
-                    loss = loss / trainer.accumulate_grad_batches
-                hooks("on_before_backward", loss)
-                strategy.backward(loss)
-        if not skipped:
-            hooks("on_after_backward")
-        if accumulating:
+        finally:
+            ctx.fx = None
+        loss = self.last_loss = _loss_of(outputs)
+        # nan_loss="skip" pays one host sync per step to leave this batch out.
+        if trainer.nan_loss == "skip" and not bool(torch.isfinite(loss)):
             return outputs
-        optimizer = trainer.optimizer
+        if trainer.accumulate_grad_batches > 1:
+            loss = loss / trainer.accumulate_grad_batches
+        hooks("on_before_backward", loss)
+        strategy.backward(loss)
+        hooks("on_after_backward")
+        return outputs
+
+    def step(self, trainer: Any) -> None:
+        """Clip, step the optimizer, zero the gradients, step the per-step LR schedulers."""
+        strategy, hooks, optimizer = trainer.strategy, trainer.hooks, trainer.optimizer
         hooks("on_before_optimizer_step", optimizer)
         if trainer.gradient_clip_val:
             strategy.clip_gradients(optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
@@ -61,7 +69,6 @@ class AutomaticOptimization:
         progress.zero_grad.increment_completed()
         if trainer.lr_scheduler_configs:
             trainer.step_schedulers("step")
-        return outputs
 
 
 def _loss_of(outputs: Any) -> Tensor:

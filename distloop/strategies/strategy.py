@@ -78,7 +78,10 @@ class Strategy(ABC):
         return _NO_CONTEXT
 
     def backward(self, loss: Tensor) -> None:
-        self.precision.backward(loss)
+        if self.precision.scaler is None:
+            loss.backward()
+        else:
+            self.precision.backward(loss)
 
     def clip_gradients(self, optimizer: Optimizer, clip_val: float, algorithm: str) -> None:
         self.precision.unscale_gradients(optimizer)
@@ -89,7 +92,10 @@ class Strategy(ABC):
             torch.nn.utils.clip_grad_value_(params, clip_val)
 
     def optimizer_step(self, optimizer: Optimizer) -> None:
-        self.precision.optimizer_step(optimizer)
+        if self.precision.scaler is None:
+            optimizer.step()
+        else:
+            self.precision.optimizer_step(optimizer)
 
     # --------------------------------------------------------------- collectives
     @abstractmethod
