@@ -82,7 +82,7 @@ def fresh_model(dim: int) -> nn.Sequential:
 
 
 class Bench(distloop.LoopModule):
-    """The model, logging ``n_metrics`` multiples of the loss with ``sync_dist=True``."""
+    """The model, logging ``n_metrics`` multiples of the (detached) loss with ``sync_dist=True``."""
 
     def __init__(self, model: nn.Module, n_metrics: int) -> None:
         super().__init__()
@@ -92,8 +92,9 @@ class Bench(distloop.LoopModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         loss = F.mse_loss(self.model(x), y)
+        value = loss.detach()  # metrics are values, not part of the graph (as in benchmarks/overhead.py)
         for i in range(self.n_metrics):
-            self.log(f"m{i}", loss * (i + 1), on_step=True, on_epoch=True, sync_dist=True)
+            self.log(f"m{i}", value * (i + 1), on_step=True, on_epoch=True, sync_dist=True)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

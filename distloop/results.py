@@ -79,13 +79,17 @@ class _Result:
         self.metric: Metric | None = None
 
     def accumulate(self, v: Tensor, batch_size: int | float | Tensor) -> None:
-        op = self.meta.reduce_fx
-        acc = self.value
-        if acc is None:
+        if self.value is None:
             dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
-            self.value = v.to(dtype) * batch_size if op == "mean" else v.to(dtype, copy=True)
+            self.value = v.to(dtype) * batch_size if self.op == "mean" else v.to(dtype, copy=True)
             self.weight = batch_size if isinstance(batch_size, Tensor) else float(batch_size)
-        elif op == "mean":
+        else:
+            self.add(v, batch_size)
+
+    def add(self, v: Tensor, batch_size: int | float | Tensor) -> None:
+        """Fold ``v`` into the existing accumulator: one kernel."""
+        op, acc = self.op, self.value
+        if op == "mean":
             if isinstance(batch_size, Tensor):
                 acc.add_(v * batch_size)
             else:
@@ -193,14 +197,7 @@ class ResultCollection:
         result.last = v
         if not on_epoch:
             return
-        if batch_size is None:
-            batch_size = 1
-        acc = result.value
-        if acc is not None and result.meta.reduce_fx == "mean" and not isinstance(batch_size, Tensor):
-            acc.add_(v, alpha=batch_size)  # the usual case, inline: one kernel
-            result.weight += batch_size
-        else:
-            result.accumulate(v, batch_size)
+        result.accumulate(v, 1 if batch_size is None else batch_size)
 
     def try_log(self, key: str, args: tuple, value: Tensor, batch_size: int) -> bool:
         """``log`` for a scalar float tensor under arguments this key was logged with before.
@@ -221,16 +218,7 @@ class ResultCollection:
             return True
         if value.ndim or value.dtype is not acc.dtype:
             return False
-        op = result.op
-        if op == "mean":
-            acc.add_(value, alpha=batch_size)
-            result.weight += batch_size
-        elif op == "sum":
-            acc.add_(value)
-        elif op == "max":
-            torch.maximum(acc, value, out=acc)
-        else:
-            torch.minimum(acc, value, out=acc)
+        result.add(value, batch_size)
         result.last = value
         return True
 
