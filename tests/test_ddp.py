@@ -197,3 +197,22 @@ def _evaluate_three_times(rank, world_size):
 @pytest.mark.timeout(180)
 def test_entry_points_can_follow_one_another(tmp_path):
     spawn(_evaluate_three_times, 2, init=False)
+
+
+class StopsOnRankOne(Regressor):
+    def training_step(self, batch, batch_idx):
+        if self.trainer.global_rank == 1 and batch_idx == 2:
+            self.trainer.should_stop = True  # one rank only: the ranks agree at the next metrics read
+        return super().training_step(batch, batch_idx)
+
+
+def _stop_on_one_rank(rank, world_size, out):
+    trainer = fit(StopsOnRankOne(), DataLoader(regression_data(), batch_size=4), strategy="ddp", log_every_n_steps=2)
+    torch.save({"step": trainer.global_step, "stopping": trainer.stopping}, f"{out}-{rank}.pt")
+
+
+@pytest.mark.timeout(180)
+def test_should_stop_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    spawn(_stop_on_one_rank, 2, str(tmp_path / "r"), init=False)
+    results = [torch.load(tmp_path / f"r-{rank}.pt", weights_only=True) for rank in range(2)]
+    assert results[0] == results[1] == {"step": 4, "stopping": True}  # set at batch 2, agreed at the read after batch 4
