@@ -1,4 +1,4 @@
-"""What every benchmark report states: the machine and the code measured."""
+"""What the benchmarks share: the module they train, and what every report states (machine, code)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,39 @@ import os
 import platform
 import subprocess
 
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
 import distloop
+
+LR = 0.01
+
+
+def metric_values(loss: Tensor, n: int) -> list[Tensor]:
+    """The values logged per step: the (detached) loss and multiples of it, as 0-d tensors."""
+    loss = loss.detach()
+    return [loss * (i + 1) for i in range(n)]
+
+
+class Bench(distloop.LoopModule):
+    """``model`` trained with MSE and SGD, logging ``n_metrics`` values per step (step and epoch)."""
+
+    def __init__(self, model: nn.Module, n_metrics: int, sync_dist: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.n_metrics = n_metrics
+        self.sync_dist = sync_dist
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = F.mse_loss(self.model(x), y)
+        for i, value in enumerate(metric_values(loss, self.n_metrics)):
+            self.log(f"m{i}", value, on_step=True, on_epoch=True, sync_dist=self.sync_dist)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=LR)
 
 
 def cpu_model() -> str:

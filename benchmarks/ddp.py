@@ -30,7 +30,6 @@ import gc
 import os
 import platform
 import resource
-import socket
 import statistics
 import sys
 import time
@@ -48,10 +47,11 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import distloop
-from _common import code_version, cpu_model
+from _common import LR, Bench, code_version, cpu_model
 from distloop.strategies import DDPStrategy
+from distloop.strategies.ddp import free_port
 
-WORLD_SIZE, LR, SEED, LOG_EVERY = 2, 0.01, 0, 50
+WORLD_SIZE, SEED, LOG_EVERY = 2, 0, 50
 TIMEOUT_S = 120.0  # every process group's
 COUNTED_METRICS = (8, 32)  # (a): the collectives must not grow with the number of metrics
 TIMED_CASES = {"8 metrics": 8, "no logging": 0}  # (b): distloop runs, by metrics logged per step
@@ -79,26 +79,6 @@ def fresh_model(dim: int) -> nn.Sequential:
     """The same initial weights for every run."""
     torch.manual_seed(SEED)
     return nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
-
-
-class Bench(distloop.LoopModule):
-    """The model, logging ``n_metrics`` multiples of the (detached) loss with ``sync_dist=True``."""
-
-    def __init__(self, model: nn.Module, n_metrics: int) -> None:
-        super().__init__()
-        self.model = model
-        self.n_metrics = n_metrics
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.mse_loss(self.model(x), y)
-        value = loss.detach()  # metrics are values, not part of the graph (as in benchmarks/overhead.py)
-        for i in range(self.n_metrics):
-            self.log(f"m{i}", value * (i + 1), on_step=True, on_epoch=True, sync_dist=True)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=LR)
 
 
 def make_trainer() -> distloop.Trainer:
@@ -176,7 +156,7 @@ class CountedBench(Bench):
     """
 
     def __init__(self, model: nn.Module, n_metrics: int, counter: CollectiveCounter) -> None:
-        super().__init__(model, n_metrics)
+        super().__init__(model, n_metrics, sync_dist=True)
         self.counter = counter
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -257,7 +237,7 @@ def hand_written(model: nn.Module, data: Batches) -> None:
 
 def with_distloop(model: nn.Module, data: Batches, n_metrics: int) -> Run:
     """One epoch of ``trainer.fit``, the Trainer built before the clock starts."""
-    module, trainer = Bench(model, n_metrics), make_trainer()
+    module, trainer = Bench(model, n_metrics, sync_dist=True), make_trainer()
     return timed(lambda: trainer.fit(module, data))
 
 
@@ -406,12 +386,6 @@ def own_cpu_seconds() -> float:
     """CPU seconds used by this process and its finished children (the ranks, once joined)."""
     return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
                                                   resource.getrusage(resource.RUSAGE_CHILDREN)))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import distloop
-from _common import code_version, cpu_model
+from _common import LR, Bench, code_version, cpu_model, metric_values
 
-BATCH, DIM, LR, SEED = 32, 32, 0.01, 0
+BATCH, DIM, SEED = 32, 32, 0
 CASES = {"no logging": 0, "8 metrics": 8}  # case -> metrics logged per step
 BARS_US = {"no logging": 20.0, "8 metrics": 40.0}  # max overhead per step
 
@@ -43,31 +43,6 @@ def fresh_layer() -> nn.Linear:
     """The same initial weights for every run."""
     torch.manual_seed(SEED)
     return nn.Linear(DIM, DIM)
-
-
-def metric_values(loss: Tensor, n: int) -> list[Tensor]:
-    """The values both loops log: the loss and multiples of it, as 0-d tensors."""
-    loss = loss.detach()
-    return [loss * (i + 1) for i in range(n)]
-
-
-class Bench(distloop.LoopModule):
-    """The same model and step for ``Trainer.fit``, logging ``n_metrics`` values per step."""
-
-    def __init__(self, layer: nn.Linear, n_metrics: int) -> None:
-        super().__init__()
-        self.layer = layer
-        self.n_metrics = n_metrics
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = F.mse_loss(self.layer(x), y)
-        for i, value in enumerate(metric_values(loss, self.n_metrics)):
-            self.log(f"m{i}", value, on_step=True, on_epoch=True)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=LR)
 
 
 def hand_written(layer: nn.Linear, data: Batches, n_metrics: int) -> float:

@@ -149,13 +149,6 @@ class LoopModule(nn.Module):
         """
         ctx = self._ctx
         results, fx = ctx.results, ctx.fx
-        if results is not None and isinstance(value, Tensor):  # the hot path: see ResultCollection.try_log
-            step_hook = fx in _STEP_HOOKS
-            args = (step_hook if on_step is None else on_step, (not step_hook) if on_epoch is None else on_epoch,
-                    reduce_fx, sync_dist, prog_bar, logger, None)
-            size = ctx.batch_size if batch_size is None else batch_size
-            if size.__class__ is int and results.try_log(fx + "." + name, args, value, size):
-                return
         if results is None or fx is None:
             raise MisconfigurationError(
                 f"`self.log({name!r}, ...)` was called outside a hook the Trainer runs "
@@ -166,6 +159,11 @@ class LoopModule(nn.Module):
             on_step = step_hook
         if on_epoch is None:
             on_epoch = not step_hook
+        if isinstance(value, Tensor):  # the hot path: see ResultCollection.try_log
+            size = ctx.batch_size if batch_size is None else batch_size
+            args = (on_step, on_epoch, reduce_fx, sync_dist, prog_bar, logger, None)
+            if size.__class__ is int and results.try_log(fx + "." + name, args, value, size):
+                return
         metric_attribute = None
         if not isinstance(value, (Tensor, int, float)) and isinstance(value, Metric):
             metric_attribute = self._metric_attribute(value, name)

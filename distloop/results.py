@@ -103,11 +103,12 @@ class _Result:
             torch.minimum(acc, v, out=acc)
 
     def epoch_value(self) -> Tensor | None:
+        """This rank's epoch value: a new tensor, never the live accumulator that later steps change."""
         if self.value is None:
             return None
-        if self.meta.reduce_fx == "mean":
+        if self.op == "mean":
             return self.value / self.weight
-        return self.value
+        return self.value.clone()
 
     def reset(self) -> None:
         self.last = None
@@ -195,9 +196,8 @@ class ResultCollection:
                 f"Metric; got {type(value).__name__}."
             )
         result.last = v
-        if not on_epoch:
-            return
-        result.accumulate(v, 1 if batch_size is None else batch_size)
+        if on_epoch:
+            result.accumulate(v, 1 if batch_size is None else batch_size)
 
     def try_log(self, key: str, args: tuple, value: Tensor, batch_size: int) -> bool:
         """``log`` for a scalar float tensor under arguments this key was logged with before.
@@ -308,8 +308,7 @@ class ResultCollection:
             if r.meta.reduce_fx == "mean":
                 return reduced[key] / reduced[key + "#weight"]
             return reduced[key]
-        value = r.epoch_value()
-        return value.clone() if value is r.value and value is not None else value  # not the live accumulator
+        return r.epoch_value()
 
     # ------------------------------------------------------------------ sync
     def sync(self) -> None:

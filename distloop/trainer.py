@@ -21,7 +21,7 @@ from distloop.checkpoint import FORMAT, VERSION, BackgroundWriter, CheckpointErr
 from distloop.checkpoint import restore_rng, snapshot, write_atomic
 from distloop.data import ResumableSampler, with_resumable_sampler
 from distloop.datamodule import DataModule
-from distloop.errors import MisconfigurationError, Preempted
+from distloop.errors import PREEMPTED_EXIT_CODE, MisconfigurationError, Preempted
 from distloop.hooks import Hooks
 from distloop.loggers import CSVLogger, Logger
 from distloop.loops import EvaluationLoop, FitLoop, Loop, PredictionLoop
@@ -31,6 +31,8 @@ from distloop.results import ResultCollection
 from distloop.strategies import Strategy, resolve_strategy
 
 _NAN_POLICIES = ("raise", "skip", "ignore")
+# Requests the ranks agree on inside each metrics read (the maximum over ranks of these bits).
+_STOP_SIGNAL, _TIME_SAVE, _SHOULD_STOP = 1, 2, 4
 
 
 @dataclass
@@ -266,7 +268,8 @@ class Trainer:
         self.datamodule = datamodule
         module.trainer = self
         self.hooks = Hooks(self, module, self.callbacks)
-        self._checkpoints, self._timed = self.checkpoint_callbacks, self._timed_checkpoints
+        self._checkpoints = self.checkpoint_callbacks
+        self._timed = [cb for cb in self._checkpoints if cb.train_time_interval is not None]
         self.should_stop = self._stopping = False
         self._single = self.world_size == 1
         self.callback_metrics, self.logged_metrics, self.progress_bar_metrics = {}, {}, {}
@@ -398,10 +401,6 @@ class Trainer:
     def checkpoint_callbacks(self) -> list[ModelCheckpoint]:
         return [cb for cb in self.callbacks if isinstance(cb, ModelCheckpoint)]
 
-    @property
-    def _timed_checkpoints(self) -> list[ModelCheckpoint]:
-        return [cb for cb in self.checkpoint_callbacks if cb.train_time_interval is not None]
-
     def checkpoint_dirs(self) -> list[str]:
         """Where ``ckpt_path="last"`` looks: each ModelCheckpoint's directory, then the default one."""
         dirs = [cb.dirpath for cb in self.checkpoint_callbacks if cb.dirpath]
@@ -495,24 +494,24 @@ class Trainer:
         """After a whole optimizer step or epoch: write the checkpoints that are due, honour a stop request."""
         if not (self._checkpoints or self._stop_requested or self._agreed_flags):
             return  # nothing can be due: the usual step costs one test
-        if self.world_size == 1:
+        if self._single:
             flags = self._local_flags()
         else:  # agreed at the last metrics read, inside its key check: no collective of its own
             flags, self._agreed_flags = self._agreed_flags, 0
         for cb in self._checkpoints:
-            cb.save_if_due(self, time_agreed=bool(flags & 2))
-        if flags & 1:
+            cb.save_if_due(self, time_agreed=bool(flags & _TIME_SAVE))
+        if flags & _STOP_SIGNAL:
             path = os.path.join(self.checkpoint_dirs()[0], f"preempted-step={self.global_step}.ckpt")
             self.save_checkpoint(path)
             if self.is_global_zero:
-                print(f"distloop: stop requested; saved {path}. Exiting with code {Preempted(path).code} "
+                print(f"distloop: stop requested; saved {path}. Exiting with code {PREEMPTED_EXIT_CODE} "
                       "(resume with ckpt_path='last').", file=sys.stderr, flush=True)
             raise Preempted(path)
 
     def _local_flags(self) -> int:
-        flags = int(self._stop_requested) | (4 if self.should_stop else 0)
+        flags = (_STOP_SIGNAL if self._stop_requested else 0) | (_SHOULD_STOP if self.should_stop else 0)
         if self._timed and any(cb.time_due() for cb in self._timed):
-            flags |= 2
+            flags |= _TIME_SAVE
         return flags
 
     def _catch_stop_signals(self) -> dict[int, Any]:
@@ -531,13 +530,12 @@ class Trainer:
         """Read (and sync) logged values: the one place metrics reach callbacks, the bar and loggers."""
         out = results.metrics(on_step, flags=self._local_flags())
         agreed = results.agreed_flags
-        if agreed & 4:
+        if agreed & _SHOULD_STOP:
             self.stop()
-        self._agreed_flags |= agreed & 3
+        self._agreed_flags |= agreed & (_STOP_SIGNAL | _TIME_SAVE)
         self.callback_metrics.update(out["callback"])
         pbar, log = out["pbar"], out["log"]
-        names = list(pbar) + list(log)
-        if not names:
+        if not pbar and not log:
             return {}
         values = torch.stack([v.detach().float().reshape(()) for v in list(pbar.values()) + list(log.values())])
         floats = values.tolist()  # the one host sync of this read

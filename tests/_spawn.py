@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from datetime import timedelta
 from typing import Any, Callable
@@ -12,13 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distloop.strategies.ddp import free_port
+
 _OPS = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def gloo_reduce(tensor: torch.Tensor, reduce_op: str = "mean") -> torch.Tensor:

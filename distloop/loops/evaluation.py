@@ -22,15 +22,15 @@ class EvaluationLoop(Loop):
     def __init__(self, stage: str = "validate") -> None:
         super().__init__()
         self.stage = stage
+        prefix = "validation" if stage == "validate" else stage  # Lightning's hook names
+        self._step_name = f"{prefix}_step"
+        self._hook_names = {part: f"on_{prefix}_{part}"
+                            for part in ("start", "epoch_start", "batch_start", "batch_end", "epoch_end", "end")}
         self.batch_progress = BatchProgress()
         self.results = ResultCollection(training=False)
         self._batches: Prefetcher | None = None
         self._was_training = False
         self._outer_results: ResultCollection | None = None
-
-    @property
-    def _hook_stage(self) -> str:
-        return "validation" if self.stage == "validate" else self.stage
 
     @property
     def done(self) -> bool:
@@ -48,35 +48,32 @@ class EvaluationLoop(Loop):
         self.results.device = trainer.strategy.root_device
         self.results.sync_fn = trainer.strategy.reduce
         self._batches = Prefetcher(dataloader, max_batches)
-        trainer.hooks(f"on_{self._hook_stage}_start")
-        trainer.hooks(f"on_{self._hook_stage}_epoch_start")
+        trainer.hooks(self._hook_names["start"])
+        trainer.hooks(self._hook_names["epoch_start"])
 
     def advance(self, dataloader: Any, max_batches: float = math.inf) -> None:
         assert self._batches is not None
         trainer, module, progress = self.trainer, self.trainer.module, self.batch_progress
         batch, batch_idx = next_batch(self._batches, progress, trainer.strategy)
         module._ctx.batch, module._ctx.batch_size = batch, None
-        stage = self._hook_stage
-        trainer.hooks(f"on_{stage}_batch_start", batch, batch_idx)
+        trainer.hooks(self._hook_names["batch_start"], batch, batch_idx)
         progress.increment_started()
-        step = f"{stage}_step" if stage != "validation" else "validation_step"
-        module._ctx.fx = step
+        module._ctx.fx = self._step_name
         try:
             with torch.no_grad(), trainer.strategy.precision.autocast():
-                outputs = getattr(module, step)(batch, batch_idx)
+                outputs = getattr(module, self._step_name)(batch, batch_idx)
         finally:
             module._ctx.fx = None
         progress.increment_processed()
-        trainer.hooks(f"on_{stage}_batch_end", outputs, batch, batch_idx)
+        trainer.hooks(self._hook_names["batch_end"], outputs, batch, batch_idx)
         progress.increment_completed()
 
     def on_run_end(self) -> dict[str, float]:
         trainer, module = self.trainer, self.trainer.module
-        stage = self._hook_stage
-        trainer.hooks.module(f"on_{stage}_epoch_end")
+        trainer.hooks.module(self._hook_names["epoch_end"])
         metrics = {} if trainer.sanity_checking else trainer.read_metrics(self.results, on_step=False)
-        trainer.hooks.callbacks(f"on_{stage}_epoch_end")
-        trainer.hooks(f"on_{stage}_end")
+        trainer.hooks.callbacks(self._hook_names["epoch_end"])
+        trainer.hooks(self._hook_names["end"])
         module._ctx.results = self._outer_results
         if self._was_training:
             module.train()

@@ -7,7 +7,7 @@ gloo on CPU, unless ``backend`` says otherwise.
 
 from __future__ import annotations
 
-import atexit
+import gc
 import os
 import socket
 from datetime import timedelta
@@ -35,7 +35,6 @@ def distributed_env() -> tuple[int, int, int]:
     return 0, 0, 1
 
 
-_store: Any = None  # one TCP store per process (rank 0 may host it: its port stays taken), shared by the groups
 _groups_made = 0  # default groups this process has made: part of each one's key prefix
 
 
@@ -47,34 +46,29 @@ def init_default_group(backend: str, rank: int, world_size: int, timeout: timede
     process has made: torchrun keeps one store across restarts, and ``fit`` then ``test``
     make a group each, so a rank must never read a peer address left by an earlier group.
     """
-    global _store, _groups_made
+    global _groups_made
     if "MASTER_ADDR" not in os.environ:
         if world_size > 1:
             raise MisconfigurationError(
                 "MASTER_ADDR / MASTER_PORT are not set: start the ranks with `distloop "
                 "launcher.nproc_per_node=N`, torchrun, or export them in your SLURM script.")
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=rank,
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=rank,
                                 world_size=world_size, timeout=timeout, device_id=device_id)
         return
-    if _store is None:
-        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it
-        _store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                               is_master=not agent_store and rank == 0, timeout=timeout)
-        atexit.register(_release_store)
+    # The group owns its store and frees it when destroyed; multi_tenant lets rank 0 host the
+    # next group's store on the same port while the previous server is still shutting down.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun hosts it
+    tcp_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                              is_master=not agent_store and rank == 0, timeout=timeout, multi_tenant=True)
     _groups_made += 1
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.PrefixStore(f"distloop/attempt_{attempt}/group_{_groups_made}/", _store)
+    store = dist.PrefixStore(f"distloop/attempt_{attempt}/group_{_groups_made}/", tcp_store)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout,
                             device_id=device_id)
 
 
-def _release_store() -> None:
-    """At exit, while the interpreter still runs: a store destroyed later, at teardown, aborts the process."""
-    global _store
-    _store = None
-
-
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for one-machine groups and tests)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -172,7 +166,11 @@ class DDPStrategy(Strategy):
         return self.module
 
     def teardown(self) -> None:
-        self._ddp = None  # before its group goes
+        if self._ddp is not None:
+            # DDP's reducer keeps the group alive (hooks on the parameters' gradients) until the
+            # wrapper is collected; a group outliving its destruction aborts the process at exit.
+            self._ddp = None
+            gc.collect()
         if dist.is_initialized():
             if self._owns_default_group:
                 dist.destroy_process_group()

@@ -78,6 +78,7 @@ class Strategy(ABC):
         return _NO_CONTEXT
 
     def backward(self, loss: Tensor) -> None:
+        # Without a GradScaler (all but 16-mixed) skip the precision layer: this runs every step.
         if self.precision.scaler is None:
             loss.backward()
         else:
