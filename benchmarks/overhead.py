@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import distloop
-from _common import LR, Bench, code_version, cpu_model, metric_values
+from _common import LR, Bench, code_version, cpu_model, metric_scales, metric_values
 
 BATCH, DIM, SEED = 32, 32, 0
 CASES = {"no logging": 0, "8 metrics": 8}  # case -> metrics logged per step
@@ -51,11 +51,12 @@ def hand_written(layer: nn.Linear, data: Batches, n_metrics: int) -> float:
     t0 = time.perf_counter()
     optimizer = torch.optim.SGD(layer.parameters(), lr=LR)
     sums = [torch.zeros(()) for _ in range(n_metrics)]
+    scales = metric_scales(n_metrics)
     count = 0
     for x, y in data:
         loss = F.mse_loss(layer(x), y)
         batch_size = x.shape[0]
-        for s, value in zip(sums, metric_values(loss, n_metrics)):
+        for s, value in zip(sums, metric_values(loss, scales)):
             s.add_(value, alpha=batch_size)
         count += batch_size
         loss.backward()

@@ -42,6 +42,7 @@ _REDUCE_FX: dict[Any, str] = {
     torch.max: "max",
     torch.min: "min",
 }
+_WIRE_OP = {"mean": "sum", "weight": "sum"}  # how a request's op travels: means and their weights as sums
 _IDENTITY = {"mean": 0.0, "sum": 0.0, "max": -math.inf, "min": math.inf}
 _STATE_FORMAT = 1
 
@@ -359,7 +360,9 @@ class ResultCollection:
         """Reduce all requests across ranks: one key check, then one buffer per (op, dtype).
 
         A request is ``(key, op, value, dtype)``; host floats (mean weights) travel in
-        the buffer of their value's dtype, so a mean costs no extra collective.
+        the buffer of their value's dtype, so a mean costs no extra collective. Each
+        buffer is built by one ``stack`` and split by one ``unbind``: a read costs a few
+        kernels whatever the number of values.
         """
         if self.sync_fn is None:
             self.agreed_flags = flags
@@ -369,31 +372,30 @@ class ResultCollection:
         device = device or torch.device("cpu")
         self.agreed_flags = self._check_layout(layout, device, flags)
 
-        groups: dict[tuple[str, torch.dtype], list[tuple[str, Tensor | float]]] = {}
+        # Per buffer: step means (divided by the world size), other values, then mean weights:
+        # a section per kind of request, so every rank lays out the same keys alike.
+        groups: dict[tuple[str, torch.dtype], tuple[list, list, list]] = {}
         for key, op, t, dtype in requests:
-            groups.setdefault(("sum" if op == "mean" else op, dtype), []).append((key, t))
-        means = {key for key, op, _, _ in requests if op == "mean"}
+            means, values, weights = groups.setdefault((_WIRE_OP.get(op, op), dtype), ([], [], []))
+            (means if op == "mean" else weights if op == "weight" else values).append((key, t))
         out: dict[str, Tensor] = {}
-        for (op, dtype), items in groups.items():
-            floats = [t for _, t in items if not isinstance(t, Tensor)]
-            with_world = op == "sum" and bool(means)
-            if with_world:
-                # A 1 per rank: its sum is the world size, which turns the sum of
-                # step values into their mean without another collective.
-                floats.append(1.0)
-            host = torch.tensor(floats, dtype=dtype, device=device) if floats else None
-            parts, i_float = [], 0
-            for _, t in items:
-                if isinstance(t, Tensor):
-                    parts.append(t.to(dtype).reshape(1))
-                else:
-                    parts.append(host[i_float : i_float + 1])
-                    i_float += 1
-            if with_world:
-                parts.append(host[-1:])
-            reduced = self.sync_fn(torch.cat(parts), op)
-            for i, (key, _) in enumerate(items):
-                out[key] = reduced[i] / reduced[-1] if key in means else reduced[i]
+        for (op, dtype), (means, values, weights) in groups.items():
+            parts = [_scalar(t, dtype) for _, t in means + values]
+            host = [w for _, w in weights] + ([1.0] if means else [])  # a 1 per rank sums to the world size
+            if any(isinstance(w, Tensor) for w in host):  # weights restored from a synced checkpoint
+                parts += [_scalar(torch.as_tensor(w, device=device), dtype) for w in host]
+                buffer = torch.stack(parts)
+            elif host:
+                tail = torch.tensor(host, dtype=dtype, device=device)
+                buffer = torch.cat((torch.stack(parts), tail)) if parts else tail
+            else:
+                buffer = torch.stack(parts)
+            reduced = self.sync_fn(buffer, op)
+            n_means = len(means)
+            split = reduced[n_means:].unbind()
+            if means:
+                split = (reduced[:n_means] / reduced[-1]).unbind() + split
+            out.update(zip([key for key, _ in means + values + weights], split))
         return out
 
     def _check_layout(self, layout: tuple, device: torch.device, flags: int) -> int:
@@ -495,8 +497,13 @@ class ResultCollection:
 def _accumulator_requests(key: str, r: _Result) -> list[tuple[str, str, Tensor | float, torch.dtype]]:
     dtype = r.value.dtype
     if r.meta.reduce_fx == "mean":
-        return [(key, "sum", r.value, dtype), (key + "#weight", "sum", r.weight, dtype)]
+        return [(key, "sum", r.value, dtype), (key + "#weight", "weight", r.weight, dtype)]
     return [(key, r.meta.reduce_fx, r.value, dtype)]
+
+
+def _scalar(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as a 0-d tensor of ``dtype``; no kernel when it already is one."""
+    return t if t.dtype is dtype and not t.ndim else t.to(dtype).reshape(())
 
 
 def _describe(meta: _Meta) -> str:

@@ -537,7 +537,8 @@ class Trainer:
         pbar, log = out["pbar"], out["log"]
         if not pbar and not log:
             return {}
-        values = torch.stack([v.detach().float().reshape(()) for v in list(pbar.values()) + list(log.values())])
+        values = torch.stack([v if v.dtype is torch.float32 and not v.ndim and not v.requires_grad
+                              else v.detach().float().reshape(()) for v in [*pbar.values(), *log.values()]])
         floats = values.tolist()  # the one host sync of this read
         self.progress_bar_metrics.update(zip(pbar, floats[: len(pbar)]))
         scalars = dict(zip(log, floats[len(pbar):]))
