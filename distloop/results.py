@@ -3,7 +3,15 @@
 Each logged name keeps, on the value's device, a step value (the latest one logged)
 and, when ``on_epoch``, an accumulator that starts from the reduction's identity (0 for
 sum and mean, -inf for max, +inf for min). A mean is weighted by batch size; the weight
-is a host-side float, so logging costs one small kernel and no host-device sync.
+is a host-side float, so logging never syncs host and device.
+
+A freshly computed value (a new tensor each step, not changed in place since) is not
+folded in at once: it waits in a list, and every ``FOLD_EVERY`` such values are folded
+together, so the usual ``self.log`` issues no kernel at all. Folding depends only on
+the values logged, never on when something reads them, and the waiting values are part
+of a checkpoint, so a resumed run adds up its values exactly as an uninterrupted one.
+Other values (the same tensor as the step before, a parameter, a view of a large
+tensor, a tensor already changed in place) are folded in at once, in one kernel.
 
 Nothing is reduced across ranks while logging. A sync point (a consumer reading the
 values, or a checkpoint) reduces every pending value together: one small collective
@@ -45,6 +53,8 @@ _REDUCE_FX: dict[Any, str] = {
 _WIRE_OP = {"mean": "sum", "weight": "sum"}  # how a request's op travels: means and their weights as sums
 _IDENTITY = {"mean": 0.0, "sum": 0.0, "max": -math.inf, "min": math.inf}
 _STATE_FORMAT = 1
+FOLD_EVERY = 64  # waiting epoch values folded together
+_SMALL_BASE = 64  # a view of a tensor of at most this many elements may wait: keeping it alive costs nothing
 
 
 @dataclass(frozen=True)
@@ -66,9 +76,9 @@ class _Meta:
 
 
 class _Result:
-    """One logged name: its step value, epoch accumulator, or Metric object."""
+    """One logged name: its step value, epoch accumulator (and the values waiting to be folded in), or Metric."""
 
-    __slots__ = ("meta", "op", "args", "last", "value", "weight", "metric")
+    __slots__ = ("meta", "op", "args", "last", "value", "weight", "metric", "pending", "sizes")
 
     def __init__(self, meta: _Meta, args: tuple) -> None:
         self.meta = meta
@@ -78,17 +88,16 @@ class _Result:
         self.value: Tensor | None = None
         self.weight: float | Tensor = 0.0
         self.metric: Metric | None = None
+        self.pending: list[Tensor] = []  # values logged but not yet folded into ``value``
+        self.sizes: list[int] = []  # their batch sizes
 
     def accumulate(self, v: Tensor, batch_size: int | float | Tensor) -> None:
+        """Fold ``v`` in now (the first value of an epoch creates the accumulator)."""
         if self.value is None:
             dtype = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float32
             self.value = v.to(dtype) * batch_size if self.op == "mean" else v.to(dtype, copy=True)
             self.weight = batch_size if isinstance(batch_size, Tensor) else float(batch_size)
-        else:
-            self.add(v, batch_size)
-
-    def add(self, v: Tensor, batch_size: int | float | Tensor) -> None:
-        """Fold ``v`` into the existing accumulator: one kernel."""
+            return
         op, acc = self.op, self.value
         if op == "mean":
             if isinstance(batch_size, Tensor):
@@ -103,16 +112,69 @@ class _Result:
         else:
             torch.minimum(acc, v, out=acc)
 
+    def fold(self) -> None:
+        """Fold the waiting values into the accumulator: a few kernels for ``FOLD_EVERY`` values."""
+        if not self.pending:
+            return
+        total, weight = self._pending_total()
+        acc = self.value
+        if self.op == "max":
+            torch.maximum(acc, total, out=acc)
+        elif self.op == "min":
+            torch.minimum(acc, total, out=acc)
+        else:
+            acc.add_(total)
+            self.weight = self.weight + weight
+        self.pending.clear()
+        self.sizes.clear()
+
+    def total(self) -> tuple[Tensor, float | Tensor]:
+        """The accumulator with the waiting values folded in, and its weight: new objects, nothing changed."""
+        if not self.pending:
+            return self.value, self.weight
+        total, weight = self._pending_total()
+        if self.op == "max":
+            return torch.maximum(self.value, total), self.weight
+        if self.op == "min":
+            return torch.minimum(self.value, total), self.weight
+        return self.value + total, self.weight + weight
+
+    def _pending_total(self) -> tuple[Tensor, float]:
+        """The waiting values reduced (weighted by batch size for a mean), and their total weight."""
+        pending = self.pending
+        changed = [i for i, v in enumerate(pending) if v._version]
+        if changed:
+            raise MisconfigurationError(
+                f"`{self.meta.name}` was changed in place after `self.log` (the value logged "
+                f"{len(pending) - changed[0]} calls ago); log it after its last change, or log a copy "
+                "(`value.clone()`)."
+            )
+        stacked = torch.stack(pending)
+        if self.op == "max":
+            return stacked.amax(), 0.0
+        if self.op == "min":
+            return stacked.amin(), 0.0
+        if self.op == "sum":
+            return stacked.sum(), 0.0
+        sizes = self.sizes
+        if sizes.count(sizes[0]) == len(sizes):  # one batch size: no weights to send to the device
+            return stacked.sum() * sizes[0], float(sizes[0] * len(sizes))
+        weights = torch.tensor(sizes, dtype=stacked.dtype).to(stacked.device, non_blocking=True)
+        return (stacked * weights).sum(), float(sum(sizes))
+
     def epoch_value(self) -> Tensor | None:
         """This rank's epoch value: a new tensor, never the live accumulator that later steps change."""
         if self.value is None:
             return None
+        value, weight = self.total()
         if self.op == "mean":
-            return self.value / self.weight
-        return self.value.clone()
+            return value / weight
+        return value.clone() if value is self.value else value
 
     def reset(self) -> None:
         self.last = None
+        self.pending.clear()
+        self.sizes.clear()
         if self.value is not None:
             self.value.fill_(_IDENTITY[self.meta.reduce_fx])
             self.weight = 0.0
@@ -131,7 +193,7 @@ class ResultCollection:
         self.sync_fn: SyncFn | None = None
         self._items: dict[str, _Result] = {}
         self._synced = False
-        self._unsynced_state: dict[str, tuple[Tensor | None, float | Tensor]] = {}
+        self._unsynced_state: dict[str, tuple[Tensor | None, float | Tensor, list[Tensor], list[int]]] = {}
         self._layout_cache: tuple[tuple, int] | None = None
         self.agreed_flags = 0
 
@@ -153,8 +215,8 @@ class ResultCollection:
     ) -> None:
         """Record ``value`` under ``name`` as logged from hook ``fx``.
 
-        This is the hot path: it issues at most one small kernel and never moves a
-        value to the host.
+        The full path (first values of an epoch, numbers, Metrics, values that may change):
+        at most one small kernel, and never a move to the host. ``try_log`` is the usual one.
         """
         key = fx + "." + name
         args = (on_step, on_epoch, reduce_fx, sync_dist, prog_bar, logger, metric_attribute)
@@ -203,13 +265,16 @@ class ResultCollection:
     def try_log(self, key: str, args: tuple, value: Tensor, batch_size: int) -> bool:
         """``log`` for a scalar float tensor under arguments this key was logged with before.
 
-        The hot path of ``self.log``: one dict lookup, one kernel. ``False`` means "not that
+        The hot path of ``self.log``: one dict lookup and, for a freshly computed value,
+        no kernel (it waits to be folded in with others). ``False`` means "not that
         case": call ``log``.
         """
         result = self._items.get(key)
         if result is None or result.args != args or result.metric is not None:
             return False
         if value.requires_grad:
+            if value.is_leaf:
+                return False  # a parameter: ``log`` folds it in before the optimizer changes it
             value = value.detach()
         acc = result.value
         if acc is None:
@@ -219,7 +284,15 @@ class ResultCollection:
             return True
         if value.ndim or value.dtype is not acc.dtype:
             return False
-        result.add(value, batch_size)
+        base = value._base
+        if value._version or value is result.last or (base is not None and base.numel() > _SMALL_BASE):
+            result.accumulate(value, batch_size)  # it may change later, or would keep a large tensor alive
+        else:
+            pending = result.pending
+            pending.append(value)
+            result.sizes.append(batch_size)
+            if len(pending) == FOLD_EVERY:
+                result.fold()
         result.last = value
         return True
 
@@ -327,8 +400,8 @@ class ResultCollection:
         self._unsynced_state = {}
         for key, r in self._items.items():
             if key in reduced:
-                self._unsynced_state[key] = (r.value, r.weight)
-                r.value = reduced[key]
+                self._unsynced_state[key] = (r.value, r.weight, r.pending, r.sizes)
+                r.value, r.pending, r.sizes = reduced[key], [], []
                 if r.meta.reduce_fx == "mean":
                     r.weight = reduced[key + "#weight"]
         for metric in self._metrics():
@@ -340,9 +413,9 @@ class ResultCollection:
         """Undo ``sync``: back to this rank's own values."""
         if not self._synced:
             return
-        for key, (value, weight) in self._unsynced_state.items():
-            self._items[key].value = value
-            self._items[key].weight = weight
+        for key, (value, weight, pending, sizes) in self._unsynced_state.items():
+            r = self._items[key]
+            r.value, r.weight, r.pending, r.sizes = value, weight, pending, sizes
         self._unsynced_state = {}
         for metric in self._metrics():
             if metric._is_synced:
@@ -423,6 +496,8 @@ class ResultCollection:
             else:
                 item["value"] = r.value
                 item["weight"] = r.weight
+                item["pending"] = list(r.pending)
+                item["sizes"] = list(r.sizes)
             items[key] = item
         return {"format": _STATE_FORMAT, "synced": self._synced, "items": items}
 
@@ -460,6 +535,9 @@ class ResultCollection:
                     value = value.to(self.device)
                 r.value = value
                 r.weight = item["weight"]
+                # Copies: a loaded tensor counts as changed in place (see ``_pending_total``).
+                r.pending = [v.to(value.device, copy=True) for v in item.get("pending", [])]
+                r.sizes = list(item.get("sizes", []))
             self._items[key] = r
 
     def reset(self, metrics: bool | None = None, fx: str | None = None) -> None:
@@ -495,10 +573,10 @@ class ResultCollection:
 
 
 def _accumulator_requests(key: str, r: _Result) -> list[tuple[str, str, Tensor | float, torch.dtype]]:
-    dtype = r.value.dtype
+    value, weight = r.total()
     if r.meta.reduce_fx == "mean":
-        return [(key, "sum", r.value, dtype), (key + "#weight", "weight", r.weight, dtype)]
-    return [(key, r.meta.reduce_fx, r.value, dtype)]
+        return [(key, "sum", value, value.dtype), (key + "#weight", "weight", weight, value.dtype)]
+    return [(key, r.meta.reduce_fx, value, value.dtype)]
 
 
 def _scalar(t: Tensor, dtype: torch.dtype) -> Tensor:

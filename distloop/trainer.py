@@ -187,6 +187,15 @@ class Trainer:
         return self.strategy.world_size
 
     @property
+    def metrics_sync_fn(self) -> Any:
+        """What result collections reduce across ranks with; ``None`` with one process.
+
+        One process holds global values already, and a checkpoint must then keep its
+        values exactly as they are (deferred ones included) for a bitwise resume.
+        """
+        return self.strategy.reduce if self.world_size > 1 else None
+
+    @property
     def global_step(self) -> int:
         """Optimizer steps taken so far."""
         return self.fit_loop.epoch_loop.optim_progress.optimizer_steps

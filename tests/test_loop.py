@@ -136,8 +136,7 @@ class Top(Recorder):
 
 
 def _trainer(module=None, global_zero=True):
-    strategy = SimpleNamespace(reduce=lambda t, reduce_op="mean": t)
-    return SimpleNamespace(strategy=strategy, module=module, is_global_zero=global_zero, world_size=1)
+    return SimpleNamespace(metrics_sync_fn=None, module=module, is_global_zero=global_zero, world_size=1)
 
 
 def test_trainer_unattached_raises_and_propagates_three_levels():

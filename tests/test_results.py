@@ -202,3 +202,81 @@ def test_clear_forgets_keys():
     r.log("validation_step", "x", 1.0)
     r.clear()
     assert len(r) == 0 and r.metrics(on_step=False)["log"] == {}
+
+
+# ---------------------------------------------------------------- deferred epoch values (try_log)
+ARGS = (True, True, "mean", False, False, True, None)  # on_step, on_epoch, reduce_fx, sync_dist, ...
+
+
+def _fast_logged(values, sizes, reduce_fx="mean"):
+    """A collection fed as ``self.log`` feeds it: the first value on the full path, the rest on the fast one."""
+    r = ResultCollection(training=True)
+    args = (True, True, reduce_fx, False, False, True, None)
+    r.log("training_step", "x", values[0], on_step=True, on_epoch=True, reduce_fx=reduce_fx, batch_size=sizes[0])
+    for v, n in zip(values[1:], sizes[1:]):
+        assert r.try_log("training_step.x", args, v, n)
+    return r
+
+
+@pytest.mark.parametrize("reduce_fx", ["mean", "sum", "max", "min"])
+def test_deferred_values_reduce_like_eager_ones_across_folds(reduce_fx):
+    from distloop.results import FOLD_EVERY
+
+    g = torch.Generator().manual_seed(0)
+    values = list(torch.randn(2 * FOLD_EVERY + 5, generator=g, dtype=torch.float64))  # crosses two folds
+    sizes = [4 + i % 3 for i in range(len(values))]  # unequal batch sizes: a weighted fold
+    r = _fast_logged([v.clone() for v in values], sizes, reduce_fx)
+    assert len(r._items["training_step.x"].pending) == 4  # fresh tensors waited; the folds happened by count
+    got = r.metrics(on_step=False)["log"]["x_epoch"].item()
+    v, w = torch.stack(values), torch.tensor(sizes, dtype=torch.float64)
+    expected = {"mean": (v * w).sum() / w.sum(), "sum": v.sum(), "max": v.max(), "min": v.min()}[reduce_fx]
+    assert got == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_reading_does_not_fold_so_the_sum_depends_only_on_the_values():
+    values = [torch.tensor(0.1 * i) for i in range(100)]
+    reads = _fast_logged(values[:50], [2] * 50)
+    reads.metrics(on_step=False)
+    reads.state_dict()
+    for v in values[50:]:
+        reads.try_log("training_step.x", ARGS, v, 2)
+    quiet = _fast_logged(values, [2] * 100)
+    assert torch.equal(reads.metrics(on_step=False)["log"]["x_epoch"], quiet.metrics(on_step=False)["log"]["x_epoch"])
+
+
+def test_waiting_values_survive_a_checkpoint_round_trip_exactly():
+    values = [torch.tensor(1.0 / (i + 3)) for i in range(90)]
+    full = _fast_logged(values, [3] * 90)
+    part = _fast_logged(values[:70], [3] * 70)
+    buf = io.BytesIO()
+    torch.save(part.state_dict(), buf)
+    buf.seek(0)
+    resumed = ResultCollection(training=True)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    for v in values[70:]:
+        assert resumed.try_log("training_step.x", ARGS, v, 3)
+    assert torch.equal(resumed.metrics(on_step=False)["log"]["x_epoch"], full.metrics(on_step=False)["log"]["x_epoch"])
+
+
+def test_a_value_changed_in_place_after_logging_is_a_clear_error():
+    r = _fast_logged([torch.tensor(1.0), torch.tensor(2.0)], [1, 1])
+    changed = torch.tensor(3.0)
+    r.try_log("training_step.x", ARGS, changed, 1)
+    changed.mul_(10)
+    with pytest.raises(MisconfigurationError, match=r"`x` was changed in place after `self.log`.*clone\(\)"):
+        r.metrics(on_step=False)
+
+
+@pytest.mark.parametrize("kind", ["same tensor", "parameter", "view of a large tensor", "changed before"])
+def test_values_that_may_change_or_hold_memory_are_folded_in_at_once(kind):
+    big = torch.arange(1000.0)
+    value = {"same tensor": torch.tensor(5.0), "parameter": torch.nn.Parameter(torch.tensor(5.0)),
+             "view of a large tensor": big[5], "changed before": torch.tensor(2.0).add_(3.0)}[kind]
+    r = ResultCollection(training=True)
+    for _ in range(3):  # as ``self.log`` does: the fast path, else the full one
+        if not r.try_log("training_step.x", ARGS, value, 1):
+            r.log("training_step", "x", value, on_step=True, on_epoch=True, batch_size=1)
+    assert r._items["training_step.x"].pending == []
+    with torch.no_grad():
+        (big if kind == "view of a large tensor" else value).add_(100.0)
+    assert r.metrics(on_step=False)["log"]["x_epoch"].item() == 5.0

@@ -41,6 +41,7 @@ class Module(nn.Module):
 def _trainer(rank, world_size, module):
     return SimpleNamespace(
         strategy=SimpleNamespace(reduce=gloo_reduce),
+        metrics_sync_fn=gloo_reduce,
         module=module,
         is_global_zero=rank == 0,
         world_size=world_size,

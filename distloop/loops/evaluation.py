@@ -46,7 +46,7 @@ class EvaluationLoop(Loop):
         module.eval()
         self._outer_results, module._ctx.results = module._ctx.results, self.results
         self.results.device = trainer.strategy.root_device
-        self.results.sync_fn = trainer.strategy.reduce
+        self.results.sync_fn = trainer.metrics_sync_fn
         self._batches = Prefetcher(dataloader, max_batches)
         trainer.hooks(self._hook_names["start"])
         trainer.hooks(self._hook_names["epoch_start"])

@@ -233,7 +233,7 @@ class Loop(ABC, Generic[T]):
         if module is not None:
             attached = {n: m for n, m in module.named_modules() if isinstance(m, Metric)}
         attached.update(metrics or {})
-        results.load_state_dict(state, metrics=attached, sync_fn=trainer.strategy.reduce)
+        results.load_state_dict(state, metrics=attached, sync_fn=trainer.metrics_sync_fn)
         if not getattr(trainer, "is_global_zero", True):
             # Rank zero now holds the cross-rank totals; the others start from the
             # identity so the next sync does not count the totals again.

@@ -58,7 +58,7 @@ class TrainingEpochLoop(Loop):
     def on_run_start(self, dataloader: Any) -> None:
         trainer = self.trainer
         self.results.device = trainer.strategy.root_device
-        self.results.sync_fn = trainer.strategy.reduce
+        self.results.sync_fn = trainer.metrics_sync_fn
         trainer.module._ctx.results = self.results
         self._world_size = trainer.world_size
         self._validates = trainer.val_dataloader is not None and trainer.num_val_batches != 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import os
 import socket
-import weakref
 from datetime import timedelta
 from typing import Any, ContextManager, TypeVar
 
@@ -169,14 +168,12 @@ class DDPStrategy(Strategy):
 
     def teardown(self) -> None:
         if self._ddp is not None:
-            # DDP's reducer keeps the group alive (hooks on the parameters' gradients) until the
-            # wrapper is freed; a group outliving its destruction aborts the process at exit.
-            # Dropping it frees it unless a cycle holds it: only then pay for a full collection,
-            # which takes 0.1 s and more with a large heap.
-            wrapper = weakref.ref(self._ddp)
+            # Without a full collection here, most three-rank gloo runs abort at exit ("terminate
+            # called without an active exception") although dropping the wrapper frees it; a short
+            # pause avoids it as well, so the race is with the group's own threads finishing. The
+            # collection costs about 0.1 s per fit, once.
             self._ddp = None
-            if wrapper() is not None:
-                gc.collect()
+            gc.collect()
         if dist.is_initialized():
             if self._owns_default_group:
                 dist.destroy_process_group()
