@@ -43,8 +43,9 @@ class Bench(distloop.LoopModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         loss = F.mse_loss(self.model(x), y)
-        for name, value in zip(self.names, metric_values(loss, self.scales)):
-            self.log(name, value, on_step=True, on_epoch=True, sync_dist=self.sync_dist)
+        if self.names:
+            for name, value in zip(self.names, metric_values(loss, self.scales)):
+                self.log(name, value, on_step=True, on_epoch=True, sync_dist=self.sync_dist)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

@@ -208,19 +208,26 @@ def count_collectives(n_metrics: int, dim: int, data: Batches) -> Counted:
 # ---------------------------------------------------------------- (b) timing
 @dataclass(frozen=True)
 class Run:
-    wall: float  # seconds
+    wall: float  # seconds, the whole fit
     cpu: float  # CPU seconds of the rank's main thread: the loop's own work, not gloo's threads
+    loop_wall: float  # the same two for the training loop alone: from the first batch to the last
+    loop_cpu: float
 
 
-def timed(fn: Callable[[], Any]) -> Run:
-    """Run ``fn`` once every rank is ready."""
+def _clocks() -> tuple[float, float]:
+    return time.perf_counter(), time.thread_time()
+
+
+def timed(fn: Callable[[], tuple[tuple[float, float], tuple[float, float]]]) -> Run:
+    """Run ``fn`` once every rank is ready; ``fn`` returns the clocks at its loop's start and end."""
     dist.barrier()
-    wall, cpu = time.perf_counter(), time.thread_time()
-    fn()
-    return Run(time.perf_counter() - wall, time.thread_time() - cpu)
+    start = _clocks()
+    loop_start, loop_end = fn()
+    end = _clocks()
+    return Run(end[0] - start[0], end[1] - start[1], loop_end[0] - loop_start[0], loop_end[1] - loop_start[1])
 
 
-def hand_written(model: nn.Module, data: Batches) -> None:
+def hand_written(model: nn.Module, data: Batches) -> tuple[tuple[float, float], tuple[float, float]]:
     """One epoch of plain DDP, no logging, on a process group of its own as distloop's fit makes.
 
     The group is left alive, as distloop leaves its own (destroying it before its DDP is freed hung here).
@@ -228,17 +235,34 @@ def hand_written(model: nn.Module, data: Batches) -> None:
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
     ddp = DistributedDataParallel(model, process_group=group, gradient_as_bucket_view=True)  # distloop's options
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    loop_start = _clocks()
     for x, y in data:
         loss = F.mse_loss(ddp(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    return loop_start, _clocks()
+
+
+class ClockedBench(Bench):
+    """``Bench`` that reads the clocks when its training loop starts and ends."""
+
+    def on_train_start(self) -> None:
+        self.loop_start = _clocks()
+
+    def on_train_end(self) -> None:
+        self.loop_end = _clocks()
 
 
 def with_distloop(model: nn.Module, data: Batches, n_metrics: int) -> Run:
     """One epoch of ``trainer.fit``, the Trainer built before the clock starts."""
-    module, trainer = Bench(model, n_metrics, sync_dist=True), make_trainer()
-    return timed(lambda: trainer.fit(module, data))
+    module, trainer = ClockedBench(model, n_metrics, sync_dist=True), make_trainer()
+
+    def fit() -> tuple[tuple[float, float], tuple[float, float]]:
+        trainer.fit(module, data)
+        return module.loop_start, module.loop_end
+
+    return timed(fit)
 
 
 def time_loops(dim: int, data: Batches, reps: int) -> dict[str, list[Run]]:
@@ -324,14 +348,24 @@ def report_speed(steps: int, runs: dict[str, list[Run]]) -> None:
           "thread (the loop's own work, not gloo's threads)")
     print("    CPU-based = hand-written's median step time / (that + the extra CPU): the ratio if only the extra "
           "work counted, which other processes disturb far less than the wall clock")
+    speed_table(steps, runs, lambda r: r.wall, lambda r: r.cpu)
+    print("\n(c) the training loop alone, from its first batch to its last: (b) without the one-off set-up and "
+          "teardown\n    of both loops (distloop's teardown includes a full garbage collection, ~0.1 s), i.e. "
+          "what a long run pays per step")
+    speed_table(steps, runs, lambda r: r.loop_wall, lambda r: r.loop_cpu)
+
+
+def speed_table(steps: int, runs: dict[str, list[Run]], wall_of: Callable[[Run], float],
+                cpu_of: Callable[[Run], float]) -> None:
+    hand = runs["hand-written"]
     print(f"{'loop':<22}{'steps/s':>8}{'vs hand-written':>17}{'paired':>14}{'CPU us/step':>13}{'extra CPU':>11}"
           f"{'CPU-based':>11}   bar >= {MIN_SPEED_RATIO}: measured, CPU-based")
-    hand_step = statistics.median(r.wall for r in hand) / steps * 1e6
-    hand_cpu = statistics.median(r.cpu for r in hand) / steps * 1e6
+    hand_step = statistics.median(map(wall_of, hand)) / steps * 1e6
+    hand_cpu = statistics.median(map(cpu_of, hand)) / steps * 1e6
     for name, loop_runs in runs.items():
-        step = statistics.median(r.wall for r in loop_runs) / steps * 1e6
-        q1, _, q3 = statistics.quantiles([h.wall / r.wall for h, r in zip(hand, loop_runs)], n=4)
-        extra = statistics.median(r.cpu for r in loop_runs) / steps * 1e6 - hand_cpu
+        step = statistics.median(map(wall_of, loop_runs)) / steps * 1e6
+        q1, _, q3 = statistics.quantiles([wall_of(h) / wall_of(r) for h, r in zip(hand, loop_runs)], n=4)
+        extra = statistics.median(map(cpu_of, loop_runs)) / steps * 1e6 - hand_cpu
         ratio, cpu_ratio = hand_step / step, hand_step / (hand_step + extra)
         bar = (f"{verdict(ratio >= MIN_SPEED_RATIO)}, {verdict(cpu_ratio >= MIN_SPEED_RATIO)}"
                if name == "distloop, 8 metrics" else "")

@@ -56,8 +56,9 @@ def hand_written(layer: nn.Linear, data: Batches, n_metrics: int) -> float:
     for x, y in data:
         loss = F.mse_loss(layer(x), y)
         batch_size = x.shape[0]
-        for s, value in zip(sums, metric_values(loss, scales)):
-            s.add_(value, alpha=batch_size)
+        if sums:
+            for s, value in zip(sums, metric_values(loss, scales)):
+                s.add_(value, alpha=batch_size)
         count += batch_size
         loss.backward()
         optimizer.step()
