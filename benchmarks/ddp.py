@@ -19,6 +19,9 @@ options, initial weights and data, run interleaved after a warm-up; the median o
 ``--reps`` runs. On a small shared machine one run's wall time varies by several percent,
 so the report adds the main thread's CPU time per step, which varies far less, and the
 speed ratio it implies: the hand-written step time plus distloop's extra CPU.
+
+(c) The same runs, timed from each training loop's first batch to its last: what a long
+run pays per step, without the one-off set-up and teardown of (b).
 """
 
 from __future__ import annotations
