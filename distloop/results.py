@@ -114,17 +114,7 @@ class _Result:
 
     def fold(self) -> None:
         """Fold the waiting values into the accumulator: a few kernels for ``FOLD_EVERY`` values."""
-        if not self.pending:
-            return
-        total, weight = self._pending_total()
-        acc = self.value
-        if self.op == "max":
-            torch.maximum(acc, total, out=acc)
-        elif self.op == "min":
-            torch.minimum(acc, total, out=acc)
-        else:
-            acc.add_(total)
-            self.weight = self.weight + weight
+        self.value, self.weight = self.total()
         self.pending.clear()
         self.sizes.clear()
 
