@@ -7,7 +7,6 @@ gloo on CPU, unless ``backend`` says otherwise.
 
 from __future__ import annotations
 
-import gc
 import os
 import socket
 from datetime import timedelta
@@ -15,6 +14,12 @@ from typing import Any, ContextManager, TypeVar
 
 import torch
 import torch.distributed as dist
+# Imported before any group exists: its functions take ``group=group.WORLD`` as a default, so
+# DDP's lazy import of it after ``init_process_group`` would pin the default group for the
+# life of the process, and with it gloo's threads, which then race interpreter exit and abort
+# it ("terminate called without an active exception") when they free a tensor after the GIL
+# is gone.
+import torch.distributed.nn.functional  # noqa: F401
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -167,21 +172,17 @@ class DDPStrategy(Strategy):
         return self.module
 
     def teardown(self) -> None:
-        if self._ddp is not None:
-            # Without a full collection here, most three-rank gloo runs abort at exit ("terminate
-            # called without an active exception") although dropping the wrapper frees it; a short
-            # pause avoids it as well, so the race is with the group's own threads finishing. The
-            # collection costs about 0.1 s per fit, once.
-            self._ddp = None
-            gc.collect()
-        if dist.is_initialized():
-            if self._owns_default_group:
-                dist.destroy_process_group()
-            else:  # the default group is someone else's: free only the groups made here
-                for group in {id(g): g for g in (self.group, self._gloo_group) if g is not None}.values():
-                    dist.destroy_process_group(group)
-        self._owns_default_group = False
+        # Our references go first, so that destroying a group frees it and joins its threads now.
+        # Owning the default group, destroying it frees every group; otherwise only ours go.
+        mine = [] if self._owns_default_group else list({id(g): g for g in (self.group, self._gloo_group)
+                                                         if g is not None}.values())
+        self._ddp = None
         self.group = self._gloo_group = None
+        if dist.is_initialized() and self._owns_default_group:
+            dist.destroy_process_group()
+        while mine and dist.is_initialized():
+            dist.destroy_process_group(mine.pop())
+        self._owns_default_group = False
 
     # --------------------------------------------------------------- per step
     def training_step(self, batch: Any, batch_idx: int) -> Any:
