@@ -14,9 +14,13 @@ Other values (the same tensor as the step before, a parameter, a view of a large
 tensor, a tensor already changed in place) are folded in at once, in one kernel.
 
 Nothing is reduced across ranks while logging. A sync point (a consumer reading the
-values, or a checkpoint) reduces every pending value together: one small collective
-checks that all ranks hold the same keys, then one flat buffer per (reduce op, dtype)
-is reduced. A rank mismatch raises an error on every rank instead of hanging.
+values, or a checkpoint) reduces every pending value together, in one flat buffer per
+(reduce op, dtype), after checking that all ranks hold the same keys. The first sync
+point of a kind (step read, epoch read, checkpoint) checks with a small collective of
+its own; later ones know the layout every rank agreed on last time, so each rank sends
+buffers of that size with a "my keys changed" count inside: one collective in all when
+nothing changed (the usual case), and the check plus the values again when something
+did. A rank mismatch raises an error on every rank instead of hanging.
 
 Values logged with ``sync_dist=False`` stay rank-local, as in Lightning: loggers write
 rank zero's. A checkpoint therefore syncs only ``sync_dist`` values and keeps rank
@@ -53,6 +57,7 @@ _REDUCE_FX: dict[Any, str] = {
 _WIRE_OP = {"mean": "sum", "weight": "sum"}  # how a request's op travels: means and their weights as sums
 _IDENTITY = {"mean": 0.0, "sum": 0.0, "max": -math.inf, "min": math.inf}
 _STATE_FORMAT = 1
+FLAG_BITS = 8  # the flags a sync point agrees on: bits 0 to 7, each OR-ed over ranks
 FOLD_EVERY = 64  # waiting epoch values folded together
 _SMALL_BASE = 64  # a view of a tensor of at most this many elements may wait: keeping it alive costs nothing
 
@@ -185,6 +190,9 @@ class ResultCollection:
         self._synced = False
         self._unsynced_state: dict[str, tuple[Tensor | None, float | Tensor, list[Tensor], list[int]]] = {}
         self._layout_cache: tuple[tuple, int] | None = None
+        # Sync point kind -> the layout every rank held at its last one. It changes only at
+        # sync points, alike on every rank, so every rank can size buffers from it.
+        self._agreed: dict[str, tuple] = {}
         self.agreed_flags = 0
 
     # ------------------------------------------------------------------ logging
@@ -322,8 +330,8 @@ class ResultCollection:
 
         Returns ``{"log": ..., "pbar": ..., "callback": ...}``. ``sync_dist`` values are
         reduced across ranks here, all together: every rank must call this at the same
-        point. ``flags`` (small non-negative ints, e.g. "stop requested") ride along in the
-        key check; their maximum over ranks is left in ``agreed_flags``.
+        point. ``flags`` (bits below ``2**FLAG_BITS``, e.g. "stop requested") ride along in
+        the key check; their OR over ranks is left in ``agreed_flags``.
         """
         requests: list[tuple[str, str, Tensor | float, torch.dtype]] = []
         read: list[tuple[_Result, str]] = []
@@ -338,7 +346,7 @@ class ResultCollection:
                     requests.append((key, r.meta.reduce_fx, r.last, r.last.dtype))
             elif r.value is not None:
                 requests.extend(_accumulator_requests(key, r))
-        reduced = self._reduce(requests, flags)
+        reduced = self._reduce(requests, "step" if on_step else "epoch", flags)
 
         out: dict[str, dict[str, Tensor]] = {"log": {}, "pbar": {}, "callback": {}}
         for r, key in read:
@@ -386,7 +394,7 @@ class ResultCollection:
         for key, r in self._items.items():
             if r.metric is None and r.meta.sync_dist and r.value is not None:
                 requests.extend(_accumulator_requests(key, r))
-        reduced = self._reduce(requests)
+        reduced = self._reduce(requests, "sync")
         self._unsynced_state = {}
         for key, r in self._items.items():
             if key in reduced:
@@ -419,32 +427,63 @@ class ResultCollection:
                 seen[id(r.metric)] = r.metric
         return list(seen.values())
 
-    def _reduce(self, requests: list[tuple[str, str, Tensor | float, torch.dtype]], flags: int = 0) -> dict[str, Tensor]:
-        """Reduce all requests across ranks: one key check, then one buffer per (op, dtype).
+    def _reduce(self, requests: list[tuple[str, str, Tensor | float, torch.dtype]], kind: str,
+                flags: int = 0) -> dict[str, Tensor]:
+        """Reduce all requests across ranks, after checking every rank holds the same layout.
 
-        A request is ``(key, op, value, dtype)``; host floats (mean weights) travel in
-        the buffer of their value's dtype, so a mean costs no extra collective. Each
-        buffer is built by one ``stack`` and split by one ``unbind``: a read costs a few
-        kernels whatever the number of values.
+        A request is ``(key, op, value, dtype)``; ``kind`` names the sync point ("step",
+        "epoch", "sync"), which every rank reaches alike. See the module docstring for
+        the protocol: one collective per (op, dtype) buffer when the layout is the one
+        agreed at the last sync point of this kind, a key check before them otherwise.
         """
+        if not 0 <= flags < 2**FLAG_BITS:
+            raise ValueError(f"flags={flags}: sync points agree on {FLAG_BITS} bits, 0 <= flags < {2**FLAG_BITS}")
         if self.sync_fn is None:
             self.agreed_flags = flags
             return {}
-        layout = tuple((key, op, str(dtype)) for key, op, _, dtype in requests)
+        layout = tuple((key, op, dtype) for key, op, _, dtype in requests)
         device = next((t.device for _, _, t, _ in requests if isinstance(t, Tensor)), self.device)
         device = device or torch.device("cpu")
-        self.agreed_flags = self._check_layout(layout, device, flags)
+        agreed = self._agreed.get(kind)
+        if agreed is not None:
+            same = layout == agreed
+            sent = requests if same else [(key, op, 0.0 if op == "weight" else torch.zeros((), dtype=dtype, device=device),
+                                           dtype) for key, op, dtype in agreed]
+            out, header = self._reduce_buffers(sent, device, [float(not same), *_bits(flags)])
+            self.agreed_flags = sum(1 << i for i, bit in enumerate(header[1:]) if bit > 0)
+            if header[0] == 0:
+                return out
+            self._check_layout(layout, device, flags)  # some rank's keys changed: check them
+        else:
+            self.agreed_flags = self._check_layout(layout, device, flags)
+        self._agreed[kind] = layout
+        return self._reduce_buffers(requests, device)[0]
 
-        # Per buffer: step means (divided by the world size), other values, then mean weights:
-        # a section per kind of request, so every rank lays out the same keys alike.
+    def _reduce_buffers(self, requests: list[tuple[str, str, Tensor | float, torch.dtype]], device: torch.device,
+                        header: list[float] | None = None) -> tuple[dict[str, Tensor], list[float]]:
+        """One collective per (op, dtype); ``header`` (small counts, summed or maxed) rides in the first.
+
+        Per buffer: step means (divided by the world size), other values, mean weights, a 1
+        per rank for the world size, then the header: a section per kind of request, so
+        every rank lays out the same keys alike. Each buffer is built by one ``stack`` and
+        split by one ``unbind``: a read costs a few kernels whatever the number of values.
+        Returns the reduced values by key and the reduced header.
+        """
+        assert self.sync_fn is not None
         groups: dict[tuple[str, torch.dtype], tuple[list, list, list]] = {}
         for key, op, t, dtype in requests:
             means, values, weights = groups.setdefault((_WIRE_OP.get(op, op), dtype), ([], [], []))
             (means if op == "mean" else weights if op == "weight" else values).append((key, t))
+        if header is not None and not groups:
+            groups[("sum", torch.float32)] = ([], [], [])
         out: dict[str, Tensor] = {}
+        reduced_header: list[float] = []
         for (op, dtype), (means, values, weights) in groups.items():
+            # Counts survive sum and max as they are; min gets them negated (min of -x is -max x).
+            sign = -1.0 if op == "min" else 1.0
+            head = [sign * h for h in header] if header is not None and not reduced_header else []
             parts = [_scalar(t, dtype) for _, t in means + values]
-            host = [w for _, w in weights] + ([1.0] if means else [])  # a 1 per rank sums to the world size
+            host = [w for _, w in weights] + ([1.0] if means else []) + head  # a 1 per rank sums to the world size
             if any(isinstance(w, Tensor) for w in host):  # weights restored from a synced checkpoint
                 parts += [_scalar(torch.as_tensor(w, device=device), dtype) for w in host]
                 buffer = torch.stack(parts)
@@ -454,26 +493,30 @@ class ResultCollection:
             else:
                 buffer = torch.stack(parts)
             reduced = self.sync_fn(buffer, op)
+            if head:
+                end = buffer.shape[0] - len(head)
+                reduced_header = [sign * h for h in reduced[end:].tolist()]
+                reduced = reduced[:end]
             n_means = len(means)
             split = reduced[n_means:].unbind()
             if means:
                 split = (reduced[:n_means] / reduced[-1]).unbind() + split
             out.update(zip([key for key, _ in means + values + weights], split))
-        return out
+        return out, reduced_header
 
     def _check_layout(self, layout: tuple, device: torch.device, flags: int) -> int:
-        """One small max-reduction: do all ranks hold this layout? Also agrees ``flags``."""
+        """One small max-reduction: do all ranks hold this layout? Also agrees ``flags`` (OR)."""
         assert self.sync_fn is not None
         if self._layout_cache is not None and self._layout_cache[0] == layout:
             digest = self._layout_cache[1]
         else:
             digest = int.from_bytes(hashlib.blake2b(repr(layout).encode(), digest_size=7).digest(), "big")
             self._layout_cache = (layout, digest)
-        check = torch.tensor([digest, -digest, flags], dtype=torch.int64, device=device)
-        hi, neg_lo, agreed = self.sync_fn(check, "max").tolist()
+        check = torch.tensor([digest, -digest, *_bits(flags)], dtype=torch.int64, device=device)
+        hi, neg_lo, *bits = self.sync_fn(check, "max").tolist()
         if hi != -neg_lo:
             _raise_layout_mismatch(layout)
-        return agreed
+        return sum(bit << i for i, bit in enumerate(bits))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -567,6 +610,11 @@ def _accumulator_requests(key: str, r: _Result) -> list[tuple[str, str, Tensor |
     if r.meta.reduce_fx == "mean":
         return [(key, "sum", value, value.dtype), (key + "#weight", "weight", weight, value.dtype)]
     return [(key, r.meta.reduce_fx, value, value.dtype)]
+
+
+def _bits(flags: int) -> list[int]:
+    """``flags`` as ``FLAG_BITS`` zeros and ones, lowest first: reduced by max, or summed, each is an OR."""
+    return [(flags >> i) & 1 for i in range(FLAG_BITS)]
 
 
 def _scalar(t: Tensor, dtype: torch.dtype) -> Tensor:

@@ -6,6 +6,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from distloop import MisconfigurationError, ResultCollection
+from distloop.results import FLAG_BITS
 
 
 def _counting_identity():
@@ -167,6 +168,62 @@ def test_sync_of_twenty_metrics_costs_one_collective_per_op_and_dtype_plus_one()
     calls.clear()
     r.metrics(on_step=False)
     assert len(calls) == 1 + 3
+
+
+def test_a_sync_point_whose_keys_were_agreed_before_costs_one_collective_with_the_check_inside():
+    sync_fn, calls = _counting_identity()
+    r = ResultCollection(training=True)
+    r.sync_fn = sync_fn
+    for step in range(3):
+        for i in range(20):
+            r.log("training_step", f"m{i}", torch.tensor(float(i + step)), on_step=True, on_epoch=True,
+                  sync_dist=True)
+        calls.clear()
+        step_values = r.metrics(on_step=True, flags=0b101)["log"]
+        assert step_values["m3_step"].item() == 3.0 + step
+        assert r.agreed_flags == 0b101
+        if step == 0:  # key check, then the values
+            assert calls == [("max", torch.int64, 2 + FLAG_BITS), ("sum", torch.float32, 21)]
+        else:  # the values, with "keys changed" and the flags behind the world-size slot
+            assert calls == [("sum", torch.float32, 21 + 1 + FLAG_BITS)]
+
+
+def test_new_keys_after_an_agreed_layout_cost_the_check_and_the_values_again():
+    sync_fn, calls = _counting_identity()
+    r = ResultCollection(training=True)
+    r.sync_fn = sync_fn
+    r.log("training_step", "a", torch.tensor(1.0), on_step=True, sync_dist=True)
+    r.metrics(on_step=True)
+    r.log("training_step", "peak", torch.tensor(5.0), on_step=True, reduce_fx="max", sync_dist=True)
+    calls.clear()
+    values = r.metrics(on_step=True, flags=2)["log"]
+    assert values == {"a_step": torch.tensor(1.0), "peak_step": torch.tensor(5.0)}
+    assert r.agreed_flags == 2
+    assert calls == [("sum", torch.float32, 2 + 1 + FLAG_BITS),  # the agreed layout's size: "changed"
+                     ("max", torch.int64, 2 + FLAG_BITS), ("sum", torch.float32, 2), ("max", torch.float32, 1)]
+    calls.clear()
+    r.metrics(on_step=True)
+    assert [c[0] for c in calls] == ["sum", "max"]  # agreed again: the header rides in the first buffer
+
+
+def test_a_min_only_layout_carries_the_header_negated():
+    def two_ranks(tensor, reduce_op="mean"):  # ranks alike, but a min of -1 and 0 would be -1: check the sign
+        assert reduce_op in ("min", "max")
+        if reduce_op == "min":
+            return torch.minimum(tensor, torch.zeros_like(tensor))
+        return tensor
+
+    r = ResultCollection(training=True)
+    r.sync_fn = two_ranks
+    r.log("training_step", "low", torch.tensor(-3.0), on_step=True, on_epoch=False, reduce_fx="min", sync_dist=True)
+    r.metrics(on_step=True)
+    assert r.metrics(on_step=True, flags=1)["log"]["low"].item() == -3.0
+    assert r.agreed_flags == 1
+
+
+def test_flags_outside_the_agreed_bits_are_an_error():
+    with pytest.raises(ValueError, match="0 <= flags < 256"):
+        ResultCollection().metrics(on_step=True, flags=256)
 
 
 def test_sync_and_unsync_swap_values_and_keep_local_ones():

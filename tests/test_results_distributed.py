@@ -148,10 +148,48 @@ def _count_collectives(rank, world_size):
         r.sync()
         r.unsync()
         assert len(calls) == 2, calls
+        # Every later sync point of a kind: one collective, the key check and flags inside it.
+        for i in range(20):
+            r.log("training_step", f"m{i}", torch.tensor(float(2 * i + rank)), on_step=True, on_epoch=True,
+                  batch_size=2, sync_dist=True)
+        calls.clear()
+        step = r.metrics(on_step=True, flags=1 << rank)["log"]
+        assert len(calls) == 1, calls
+        assert step["m3_step"].item() == pytest.approx(6.5)
+        assert r.agreed_flags == 0b11  # OR over ranks
+        calls.clear()
+        epoch = r.metrics(on_step=False, flags=4 * rank)["log"]
+        assert len(calls) == 1, calls
+        assert epoch["m3_epoch"].item() == pytest.approx(5.0)  # (3 + 4 + 6 + 7) / 4
+        assert r.agreed_flags == 4
     finally:
         dist.all_reduce = real
 
 
 @pytest.mark.timeout(120)
-def test_a_sync_of_twenty_metrics_issues_two_collectives():
+def test_a_sync_of_twenty_metrics_issues_two_collectives_then_one():
     spawn(_count_collectives, 2)
+
+
+def _keys_diverging_after_agreement(rank, world_size):
+    r = ResultCollection(training=True)
+    r.sync_fn = gloo_reduce
+    r.log("training_step", "loss", torch.tensor(1.0), on_step=True, sync_dist=True)
+    r.metrics(on_step=True)
+    r.metrics(on_step=True)
+    if rank == 1:
+        r.log("training_step", "late", torch.tensor(1.0), on_step=True, sync_dist=True)
+    start = time.monotonic()
+    with pytest.raises(MisconfigurationError, match=r"training_step.late \(mean, torch.float32\): present on "
+                                                    r"ranks \[1\], missing on ranks \[0\]"):
+        r.metrics(on_step=True)
+    assert time.monotonic() - start < 10
+    # Once every rank logs it, the next read agrees on the new keys and reduces them.
+    if rank == 0:
+        r.log("training_step", "late", torch.tensor(3.0), on_step=True, sync_dist=True)
+    assert r.metrics(on_step=True)["log"]["late_step"].item() == 2.0
+
+
+@pytest.mark.timeout(120)
+def test_keys_diverging_after_an_agreed_read_fail_fast_on_every_rank():
+    spawn(_keys_diverging_after_agreement, 2)

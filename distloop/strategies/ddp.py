@@ -90,6 +90,9 @@ class _TrainingStep(nn.Module):
     def forward(self, batch: Any, batch_idx: int) -> Any:
         return self._step(batch, batch_idx)
 
+    # DDP calls the module it wraps; nothing hooks this wrapper, so skip nn.Module's hook dispatch.
+    __call__ = forward
+
 
 class DDPStrategy(Strategy):
     def __init__(
