@@ -478,10 +478,10 @@ class ResultCollection:
             groups[("sum", torch.float32)] = ([], [], [])
         out: dict[str, Tensor] = {}
         reduced_header: list[float] = []
-        for (op, dtype), (means, values, weights) in groups.items():
+        for i, ((op, dtype), (means, values, weights)) in enumerate(groups.items()):
             # Counts survive sum and max as they are; min gets them negated (min of -x is -max x).
             sign = -1.0 if op == "min" else 1.0
-            head = [sign * h for h in header] if header is not None and not reduced_header else []
+            head = [sign * h for h in header] if header is not None and i == 0 else []
             parts = [_scalar(t, dtype) for _, t in means + values]
             host = [w for _, w in weights] + ([1.0] if means else []) + head  # a 1 per rank sums to the world size
             if any(isinstance(w, Tensor) for w in host):  # weights restored from a synced checkpoint
