@@ -1,5 +1,6 @@
 """DDP over gloo on CPU: 2 and 3 ranks in spawned processes, every one with deadlines."""
 
+import os
 import time
 
 import pytest
@@ -65,6 +66,24 @@ def test_ddp_fit_equals_one_process_on_the_same_global_batches(tmp_path, world_s
     ddp_state = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for name, value in single.state_dict().items():
         torch.testing.assert_close(ddp_state[name], value, rtol=1e-5, atol=1e-6)
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _fit_then_count_threads(rank, world_size, out_path, per_rank_batch):
+    before = _threads()
+    _fit_ddp(rank, world_size, out_path, per_rank_batch)
+    # Teardown destroys the group on the spot: no gloo thread is left to race interpreter exit
+    # (it used to abort there, freeing a tensor after the GIL was gone).
+    assert _threads() == before
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_teardown_joins_the_groups_threads(tmp_path):
+    spawn(_fit_then_count_threads, 2, str(tmp_path / "ddp.pt"), 4, init=False)
 
 
 def uneven_classification(n=25):
