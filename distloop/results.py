@@ -171,7 +171,7 @@ class _Result:
         self.pending.clear()
         self.sizes.clear()
         if self.value is not None:
-            self.value.fill_(_IDENTITY[self.meta.reduce_fx])
+            self.value.fill_(_IDENTITY[self.op])
             self.weight = 0.0
 
 

@@ -31,7 +31,7 @@ from distloop.results import ResultCollection
 from distloop.strategies import Strategy, resolve_strategy
 
 _NAN_POLICIES = ("raise", "skip", "ignore")
-# Requests the ranks agree on inside each metrics read (the maximum over ranks of these bits).
+# Requests the ranks agree on inside each metrics read (each bit OR-ed over ranks).
 _STOP_SIGNAL, _TIME_SAVE, _SHOULD_STOP = 1, 2, 4
 
 

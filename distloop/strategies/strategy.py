@@ -78,11 +78,7 @@ class Strategy(ABC):
         return _NO_CONTEXT
 
     def backward(self, loss: Tensor) -> None:
-        # Without a GradScaler (all but 16-mixed) skip the precision layer: this runs every step.
-        if self.precision.scaler is None:
-            loss.backward()
-        else:
-            self.precision.backward(loss)
+        self.precision.backward(loss)
 
     def clip_gradients(self, optimizer: Optimizer, clip_val: float, algorithm: str) -> None:
         self.precision.unscale_gradients(optimizer)
@@ -93,10 +89,7 @@ class Strategy(ABC):
             torch.nn.utils.clip_grad_value_(params, clip_val)
 
     def optimizer_step(self, optimizer: Optimizer) -> None:
-        if self.precision.scaler is None:
-            optimizer.step()
-        else:
-            self.precision.optimizer_step(optimizer)
+        self.precision.optimizer_step(optimizer)
 
     # --------------------------------------------------------------- collectives
     @abstractmethod
