@@ -16,7 +16,9 @@ creation, DDP construction) are reported apart, as one-off setup.
 (b) Speed: ``trainer.fit`` (the Trainer is built before the clock starts) against a
 hand-written loop (process group, DDP construction, optimizer, loop), with the same DDP
 options, initial weights and data, run interleaved after a warm-up; the median of
-``--reps`` runs. On a small shared machine one run's wall time varies by several percent,
+``--reps`` runs. A second hand-written loop computes the 8 values the module logs, and
+logs nothing: against it, distloop's ratio is the cost of logging alone, apart from the
+module's own arithmetic. On a small shared machine one run's wall time varies by several percent,
 so the report adds the main thread's CPU time per step, which varies far less, and the
 speed ratio it implies: the hand-written step time plus distloop's extra CPU.
 
@@ -50,7 +52,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import distloop
-from _common import LR, Bench, code_version, cpu_model
+from _common import LR, Bench, code_version, cpu_model, metric_scales, metric_values
 from distloop.strategies import DDPStrategy
 from distloop.strategies.ddp import free_port
 
@@ -58,6 +60,7 @@ WORLD_SIZE, SEED, LOG_EVERY = 2, 0, 50
 TIMEOUT_S = 120.0  # every process group's
 COUNTED_METRICS = (8, 32)  # (a): the collectives must not grow with the number of metrics
 TIMED_CASES = {"8 metrics": 8, "no logging": 0}  # (b): distloop runs, by metrics logged per step
+HAND, HAND_VALUES, LOGGED = "hand-written", "hand-written + 8 values", "distloop, 8 metrics"
 MAX_PER_STEP, MAX_PER_SYNC_POINT, MIN_SPEED_RATIO = 0.05, 2, 0.97
 # Everything in torch.distributed that talks to other ranks, including DDP's private helpers.
 COLLECTIVES = (
@@ -230,14 +233,20 @@ def timed(fn: Callable[[], tuple[tuple[float, float], tuple[float, float]]]) -> 
     return Run(end[0] - start[0], end[1] - start[1], loop_end[0] - loop_start[0], loop_end[1] - loop_start[1])
 
 
-def hand_written(model: nn.Module, data: Batches) -> tuple[tuple[float, float], tuple[float, float]]:
-    """One epoch of plain DDP, no logging, on a process group of its own, made and destroyed as distloop's fit does."""
+def hand_written(model: nn.Module, data: Batches, n_values: int = 0) -> tuple[tuple[float, float], tuple[float, float]]:
+    """One epoch of plain DDP, no logging, on a process group of its own, made and destroyed as distloop's fit does.
+
+    ``n_values``: also compute, and drop, the values the benchmark module logs, as it computes them.
+    """
+    scales = metric_scales(n_values) if n_values else None
     group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=TIMEOUT_S))
     ddp = DistributedDataParallel(model, process_group=group, gradient_as_bucket_view=True)  # distloop's options
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     loop_start = _clocks()
     for x, y in data:
         loss = F.mse_loss(ddp(x), y)
+        if scales is not None:
+            metric_values(loss, scales)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -270,7 +279,10 @@ def with_distloop(model: nn.Module, data: Batches, n_metrics: int) -> Run:
 
 def time_loops(dim: int, data: Batches, reps: int) -> dict[str, list[Run]]:
     """Every loop ``reps`` times, interleaved, the order rotating every repetition."""
-    loops: dict[str, Callable[[nn.Module], Run]] = {"hand-written": lambda m: timed(lambda: hand_written(m, data))}
+    loops: dict[str, Callable[[nn.Module], Run]] = {
+        HAND: lambda m: timed(lambda: hand_written(m, data)),
+        HAND_VALUES: lambda m: timed(lambda: hand_written(m, data, TIMED_CASES["8 metrics"])),
+    }
     for case, n_metrics in TIMED_CASES.items():
         loops[f"distloop, {case}"] = lambda m, n=n_metrics: with_distloop(m, data, n)
 
@@ -278,7 +290,7 @@ def time_loops(dim: int, data: Batches, reps: int) -> dict[str, list[Run]]:
     for name, loop in loops.items():  # warm-up, and a check that every loop does the same work
         trained[name] = fresh_model(dim)
         loop(trained[name])
-    reference = trained["hand-written"].state_dict()
+    reference = trained[HAND].state_dict()
     for name, model in trained.items():
         assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items()), name
 
@@ -344,9 +356,11 @@ def call_details(c: Counted) -> tuple[str, ...]:
 
 
 def report_speed(steps: int, runs: dict[str, list[Run]]) -> None:
-    hand = runs["hand-written"]
+    hand = runs[HAND]
     print(f"(b) speed, median of {len(hand)} runs interleaved after a warm-up (rank 0's clocks); hand-written = new "
           "gloo group + DDP + optimizer + loop, no logging; distloop = trainer.fit()")
+    print(f"    {HAND_VALUES} = the same, also computing (and dropping) the 8 values the module logs, "
+          "as the module computes them")
     print("    paired = hand-written's time / this loop's in the same repetition, quartiles; CPU = the rank's main "
           "thread (the loop's own work, not gloo's threads)")
     print("    CPU-based = hand-written's median step time / (that + the extra CPU): the ratio if only the extra "
@@ -357,22 +371,41 @@ def report_speed(steps: int, runs: dict[str, list[Run]]) -> None:
     speed_table(steps, runs, lambda r: r.loop_wall, lambda r: r.loop_cpu)
 
 
+@dataclass(frozen=True)
+class Ratio:
+    """One loop's speed against a reference loop's."""
+
+    step_us: float  # this loop's median step time
+    measured: float  # reference's median step time / this loop's
+    paired: tuple[float, float]  # quartiles of reference time / this loop's time, repetition by repetition
+    cpu_us: float  # this loop's median main-thread CPU per step
+    extra_cpu_us: float  # that minus the reference's
+    cpu_based: float  # reference's step time / (that + the extra CPU)
+
+
+def ratio(steps: int, reference: list[Run], runs: list[Run], wall_of: Callable[[Run], float],
+          cpu_of: Callable[[Run], float]) -> Ratio:
+    ref_step = statistics.median(map(wall_of, reference)) / steps * 1e6
+    step = statistics.median(map(wall_of, runs)) / steps * 1e6
+    q1, _, q3 = statistics.quantiles([wall_of(h) / wall_of(r) for h, r in zip(reference, runs)], n=4)
+    cpu = statistics.median(map(cpu_of, runs)) / steps * 1e6
+    extra = cpu - statistics.median(map(cpu_of, reference)) / steps * 1e6
+    return Ratio(step, ref_step / step, (q1, q3), cpu, extra, ref_step / (ref_step + extra))
+
+
 def speed_table(steps: int, runs: dict[str, list[Run]], wall_of: Callable[[Run], float],
                 cpu_of: Callable[[Run], float]) -> None:
-    hand = runs["hand-written"]
-    print(f"{'loop':<22}{'steps/s':>8}{'vs hand-written':>17}{'paired':>14}{'CPU us/step':>13}{'extra CPU':>11}"
+    print(f"{'loop':<25}{'steps/s':>8}{'vs hand-written':>17}{'paired':>14}{'CPU us/step':>13}{'extra CPU':>11}"
           f"{'CPU-based':>11}   bar >= {MIN_SPEED_RATIO}: measured, CPU-based")
-    hand_step = statistics.median(map(wall_of, hand)) / steps * 1e6
-    hand_cpu = statistics.median(map(cpu_of, hand)) / steps * 1e6
     for name, loop_runs in runs.items():
-        step = statistics.median(map(wall_of, loop_runs)) / steps * 1e6
-        q1, _, q3 = statistics.quantiles([wall_of(h) / wall_of(r) for h, r in zip(hand, loop_runs)], n=4)
-        extra = statistics.median(map(cpu_of, loop_runs)) / steps * 1e6 - hand_cpu
-        ratio, cpu_ratio = hand_step / step, hand_step / (hand_step + extra)
-        bar = (f"{verdict(ratio >= MIN_SPEED_RATIO)}, {verdict(cpu_ratio >= MIN_SPEED_RATIO)}"
-               if name == "distloop, 8 metrics" else "")
-        print(f"{name:<22}{1e6 / step:>8.1f}{ratio:>17.3f}{f'{q1:.2f}-{q3:.2f}':>14}{hand_cpu + extra:>13.0f}"
-              f"{extra:>+11.0f}{cpu_ratio:>11.3f}   {bar}")
+        r = ratio(steps, runs[HAND], loop_runs, wall_of, cpu_of)
+        bar = f"{verdict(r.measured >= MIN_SPEED_RATIO)}, {verdict(r.cpu_based >= MIN_SPEED_RATIO)}" if name == LOGGED else ""
+        print(f"{name:<25}{1e6 / r.step_us:>8.1f}{r.measured:>17.3f}{f'{r.paired[0]:.2f}-{r.paired[1]:.2f}':>14}"
+              f"{r.cpu_us:>13.0f}{r.extra_cpu_us:>+11.0f}{r.cpu_based:>11.3f}   {bar}")
+    alone = ratio(steps, runs[HAND_VALUES], runs[LOGGED], wall_of, cpu_of)
+    print(f"logging alone ({LOGGED} vs {HAND_VALUES}): {alone.measured:.3f} measured (paired "
+          f"{alone.paired[0]:.2f}-{alone.paired[1]:.2f}), {alone.extra_cpu_us:+.0f} us CPU per step, "
+          f"{alone.cpu_based:.3f} CPU-based")
 
 
 def report(args: argparse.Namespace, counts: list[Counted], runs: dict[str, list[Run]]) -> None:
