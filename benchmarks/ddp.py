@@ -18,9 +18,9 @@ hand-written loop (process group, DDP construction, optimizer, loop), with the s
 options, initial weights and data, run interleaved after a warm-up; the median of
 ``--reps`` runs. A second hand-written loop computes the 8 values the module logs, and
 logs nothing: against it, distloop's ratio is the cost of logging alone, apart from the
-module's own arithmetic. On a small shared machine one run's wall time varies by several percent,
-so the report adds the main thread's CPU time per step, which varies far less, and the
-speed ratio it implies: the hand-written step time plus distloop's extra CPU.
+module's own arithmetic. On a small shared machine one run's wall time varies by several
+percent, so the report adds the main thread's CPU time per step, which varies far less,
+and the speed ratio it implies: the hand-written step time plus distloop's extra CPU.
 
 (c) The same runs, timed from each training loop's first batch to its last: what a long
 run pays per step, without the one-off set-up and teardown of (b).

@@ -137,11 +137,11 @@ class _Result:
     def _pending_total(self) -> tuple[Tensor, float]:
         """The waiting values reduced (weighted by batch size for a mean), and their total weight."""
         pending = self.pending
-        changed = [i for i, v in enumerate(pending) if v._version]
-        if changed:
+        changed = next((i for i, v in enumerate(pending) if v._version), None)
+        if changed is not None:
             raise MisconfigurationError(
                 f"`{self.meta.name}` was changed in place after `self.log` (the value logged "
-                f"{len(pending) - changed[0]} calls ago); log it after its last change, or log a copy "
+                f"{len(pending) - changed} calls ago); log it after its last change, or log a copy "
                 "(`value.clone()`)."
             )
         stacked = torch.stack(pending)
