@@ -29,24 +29,73 @@ class CheckpointError(RuntimeError):
 
 
 def write_atomic(state: dict[str, Any], path: str) -> None:
-    """Write ``state`` to ``path`` so that ``path`` is either the old file or the complete new one."""
+    """Write ``state`` to ``path`` so that ``path`` is either the old file or the complete new one.
+
+    A failed write (a full disk, a quota, an I/O error) raises ``CheckpointError`` naming
+    ``path`` and the OS's reason, and leaves no temporary file behind.
+    """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     # A hidden name in the same directory (so the rename is atomic), created like any file (umask).
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    sink: _RecordingWriter | None = None
+    stage = "writing"
     try:
         with open(tmp, "xb") as f:
-            torch.save(state, f)
-            f.flush()
+            sink = _RecordingWriter(f)
+            torch.save(state, sink)
+            sink.flush()
+            if sink.error is not None:  # torch's zip writer swallowed it and carried on
+                raise sink.error
+            stage = "syncing"
             os.fsync(f.fileno())
+        stage = "renaming into place"
         os.replace(tmp, path)
+        stage = "syncing the directory"
         _fsync_dir(directory)
     except BaseException as err:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise CheckpointError(f"Could not write checkpoint {path}: {err}. Earlier checkpoints are intact.") from err
+        except OSError:  # never created, or already renamed; do not hide the error that matters
+            pass
+        # torch's zip writer turns the OSError of a failed write into a RuntimeError that
+        # does not say why ("unexpected pos ..."): the sink kept the original.
+        os_error = sink.error if sink is not None and sink.error is not None else err
+        if isinstance(err, Exception) and isinstance(os_error, OSError):
+            reason = os.strerror(os_error.errno) if os_error.errno else str(os_error)
+            raise CheckpointError(f"Could not write checkpoint {path}: {reason} (while {stage}). "
+                                  "Earlier checkpoints are intact.") from os_error
         raise
+
+
+class _RecordingWriter:
+    """The file object ``torch.save`` writes through: it keeps the first ``OSError`` of a write.
+
+    Writes are passed straight through (no copy); everything else is the wrapped file's.
+    """
+
+    def __init__(self, file: Any) -> None:
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as err:
+            if self.error is None:
+                self.error = err
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._file.flush()
+        except OSError as err:
+            if self.error is None:
+                self.error = err
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._file, name)
 
 
 def point_last(directory: str, target: str) -> None:
@@ -108,7 +157,8 @@ def newest_valid(directories: list[str]) -> tuple[str | None, dict[str, Any] | N
 class BackgroundWriter:
     """Writes snapshots on one background thread, so training waits only for the snapshot.
 
-    An error in a write is raised by the next ``submit`` or ``wait``.
+    An error in a write is raised once on the training thread: by ``raise_if_failed``
+    (cheap, for every step boundary), or else by the next ``submit`` or ``wait``.
     """
 
     def __init__(self) -> None:
@@ -126,8 +176,18 @@ class BackgroundWriter:
     def wait(self) -> None:
         """Block until every submitted write is on disk; re-raise a failed write's error."""
         self._jobs.join()
-        error, self._error = self._error, None
+        self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        """Re-raise, once, the error of a background write that has failed; never waits.
+
+        A write still in progress is not waited for: if it fails, a later call raises.
+        """
+        error = self._error
         if error is not None:
+            # Only the calling (training) thread clears the error, and the worker sets it only
+            # while a job is in flight, which is never while an unraised error is pending.
+            self._error = None
             raise error
 
     def _work(self) -> None:
