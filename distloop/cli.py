@@ -19,12 +19,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import hydra
-import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
@@ -34,7 +34,8 @@ from distloop.checkpoint import CheckpointError
 from distloop.errors import MisconfigurationError
 from distloop.strategies import DDPStrategy
 from distloop.strategies.ddp import distributed_env, init_default_group
-from distloop.strategies.resolve import ACCELERATORS, STRATEGIES
+from distloop.strategies.devices import (check_backend, check_one_process, check_processes_per_node,
+                                        check_strategy, uses_cuda)
 from distloop.trainer import Trainer, seed_everything
 
 EXIT_USER_ERROR = 2
@@ -160,26 +161,13 @@ def check_launch(cfg: DictConfig) -> int:
         raise MisconfigurationError(
             f"launcher.nnodes={nnodes} needs launcher.rdzv_endpoint=HOST:PORT of node 0 (the same on every node).")
     name = strategy.get("name", "auto")
-    if name not in STRATEGIES:
-        raise MisconfigurationError(f"strategy.name={name!r} is not known: use one of {STRATEGIES}.")
+    check_strategy(name, config=True)
     world = nproc * nnodes
-    if world > 1 and name == "single_device":
-        raise MisconfigurationError(f"strategy=single_device runs one process, but the launcher starts {world}: "
-                                    "use strategy=ddp.")
-    accelerator = strategy.get("accelerator", "auto")
-    if accelerator not in ACCELERATORS:
-        raise MisconfigurationError(f"strategy.accelerator={accelerator!r} is not known: use one of {ACCELERATORS}.")
-    cuda = torch.cuda.is_available()
-    if accelerator in ("cuda", "gpu") and not cuda:
-        raise MisconfigurationError(f"strategy.accelerator={accelerator} needs CUDA, which this machine lacks: "
-                                    "use strategy.accelerator=cpu.")
-    if strategy.get("backend") == "nccl" and not cuda:
-        raise MisconfigurationError("strategy.backend=nccl needs CUDA, which this machine lacks: use "
-                                    "strategy.backend=gloo (or leave it null).")
-    if accelerator != "cpu" and cuda and nproc > torch.cuda.device_count():
-        raise MisconfigurationError(
-            f"launcher.nproc_per_node={nproc} but this machine has {torch.cuda.device_count()} CUDA devices: "
-            "start at most one process per GPU.")
+    check_one_process(name, world, config=True)
+    use_cuda = uses_cuda(strategy.get("accelerator", "auto"), config=True)
+    check_backend(strategy.get("backend"), use_cuda, config=True)
+    if use_cuda:
+        check_processes_per_node(nproc, f"launcher.nproc_per_node={nproc}")
     devices = strategy.get("devices", "auto")
     if devices not in ("auto", None) and devices != nproc:
         raise MisconfigurationError(f"strategy.devices={devices} disagrees with launcher.nproc_per_node={nproc}: "
@@ -202,15 +190,23 @@ def launch(launcher: DictConfig, config_path: str) -> int:
     return subprocess.call(cmd, env=env)
 
 
-def _report(err: BaseException) -> None:
-    rank, _, world = distributed_env()
-    where = f" on rank {rank}" if world > 1 else ""
-    print(f"distloop: error{where}: {err}", file=sys.stderr, flush=True)
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """End on an error the user can fix (bad config or module, a non-finite loss, a bad checkpoint)
+    with its message on stderr, naming the rank when there are several, and exit code 2: the
+    message says what to change, and a stack trace would only bury it."""
+    try:
+        yield
+    except (MisconfigurationError, FloatingPointError, CheckpointError) as err:
+        rank, _, world = distributed_env()
+        where = f" on rank {rank}" if world > 1 else ""
+        print(f"distloop: error{where}: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
 
 
 @hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")
 def _hydra_app(cfg: DictConfig) -> float | None:
-    try:
+    with user_errors():
         run_dir = HydraConfig.get().runtime.output_dir
         world = check_launch(cfg)
         resolved, path = save_resolved(cfg, run_dir)
@@ -224,9 +220,6 @@ def _hydra_app(cfg: DictConfig) -> float | None:
                 sys.exit(code)
             return None
         return run(resolved, run_dir)
-    except (MisconfigurationError, FloatingPointError, CheckpointError) as err:
-        _report(err)
-        sys.exit(EXIT_USER_ERROR)
 
 
 def _main_under_outer_launcher() -> None:
@@ -252,11 +245,8 @@ def _main_under_outer_launcher() -> None:
             print(f"distloop: rank {rank}: rank 0 failed before training; see its error.", file=sys.stderr)
             sys.exit(EXIT_USER_ERROR)
         run_dir, container = payload[0]
-        try:
+        with user_errors():
             run(OmegaConf.create(container), run_dir)
-        except (MisconfigurationError, FloatingPointError, CheckpointError) as err:
-            _report(err)
-            sys.exit(EXIT_USER_ERROR)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -273,8 +263,5 @@ def main() -> None:
 def worker_main(config_path: str) -> None:
     """One rank started by ``launch``: read the resolved config and train."""
     cfg = OmegaConf.load(config_path)
-    try:
+    with user_errors():
         run(cfg, cfg.run_dir)
-    except (MisconfigurationError, FloatingPointError, CheckpointError) as err:
-        _report(err)
-        sys.exit(EXIT_USER_ERROR)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from distloop.errors import MisconfigurationError
+from distloop.strategies.devices import check_backend, cuda_device, uses_cuda
 from distloop.strategies.strategy import Strategy
 
 T = TypeVar("T")
@@ -106,21 +107,9 @@ class DDPStrategy(Strategy):
         gradient_as_bucket_view: bool = True,
     ) -> None:
         self._rank, self._local_rank, self._world_size = distributed_env()
-        use_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
-        if use_cuda:
-            if not torch.cuda.is_available():
-                raise MisconfigurationError(f"accelerator={accelerator!r} needs CUDA, which this machine lacks: "
-                                            "use accelerator=cpu (gloo).")
-            if self._local_rank >= torch.cuda.device_count():
-                raise MisconfigurationError(
-                    f"LOCAL_RANK={self._local_rank} but this node has {torch.cuda.device_count()} CUDA devices: "
-                    "start at most one process per GPU.")
-            device = torch.device("cuda", self._local_rank)
-        else:
-            device = torch.device("cpu")
-        backend = backend or ("nccl" if use_cuda else "gloo")
-        if backend == "nccl" and not use_cuda:
-            raise MisconfigurationError("backend='nccl' needs CUDA devices; on CPU use backend='gloo'.")
+        use_cuda = uses_cuda(accelerator)
+        device = cuda_device(self._local_rank) if use_cuda else torch.device("cpu")
+        backend = check_backend(backend, use_cuda)
         if timeout_s <= 0:
             raise MisconfigurationError(f"strategy timeout_s={timeout_s} must be > 0 seconds.")
         super().__init__(device, precision)

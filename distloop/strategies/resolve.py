@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from distloop.errors import MisconfigurationError
 from distloop.strategies.ddp import DDPStrategy, distributed_env
+from distloop.strategies.devices import check_accelerator, check_one_process, check_strategy, cuda_device, uses_cuda
 from distloop.strategies.single_device import SingleDeviceStrategy
 from distloop.strategies.strategy import Strategy
-
-ACCELERATORS = ("auto", "cpu", "cuda", "gpu")
-STRATEGIES = ("auto", "single_device", "ddp")
 
 
 def resolve_strategy(strategy: str | Strategy, accelerator: str, devices: int | str, precision: Any,
@@ -20,13 +16,9 @@ def resolve_strategy(strategy: str | Strategy, accelerator: str, devices: int | 
     """The launcher decides how many processes run; ``devices`` only has to agree with it."""
     if isinstance(strategy, Strategy):
         return strategy
-    if accelerator not in ACCELERATORS:
-        raise MisconfigurationError(f"accelerator={accelerator!r} is not known: use one of {ACCELERATORS}.")
-    if strategy not in STRATEGIES:
-        raise MisconfigurationError(f"strategy={strategy!r} is not known: use one of {STRATEGIES}.")
-    use_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise MisconfigurationError(f"accelerator={accelerator!r} needs CUDA, which this machine lacks: use accelerator='cpu'.")
+    check_accelerator(accelerator)
+    check_strategy(strategy)
+    use_cuda = uses_cuda(accelerator)
     if devices != "auto" and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
         raise MisconfigurationError(f"devices={devices!r} must be 'auto' or an int >= 1.")
     rank, local_rank, world_size = distributed_env()
@@ -36,11 +28,5 @@ def resolve_strategy(strategy: str | Strategy, accelerator: str, devices: int | 
             f"`distloop launcher.nproc_per_node={devices} strategy=ddp` or `torchrun --nproc-per-node {devices}`.")
     if strategy == "ddp" or (strategy == "auto" and world_size > 1):
         return DDPStrategy(accelerator=accelerator, precision=precision, **ddp_options)
-    if world_size > 1:
-        raise MisconfigurationError(f"strategy={strategy!r} runs one process, but WORLD_SIZE={world_size}: "
-                                    "use strategy='ddp' (or 'auto').")
-    if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise MisconfigurationError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA devices exist.")
-        return SingleDeviceStrategy(f"cuda:{local_rank}", precision)
-    return SingleDeviceStrategy("cpu", precision)
+    check_one_process(strategy, world_size)
+    return SingleDeviceStrategy(cuda_device(local_rank) if use_cuda else "cpu", precision)
