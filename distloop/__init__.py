@@ -9,7 +9,8 @@ from distloop.loops import Loop
 from distloop.module import LoopModule
 from distloop.rank_zero import rank_zero_info, rank_zero_only, rank_zero_warn
 from distloop.results import ResultCollection
-from distloop.trainer import Trainer, seed_everything
+from distloop.rng import seed_everything
+from distloop.trainer import Trainer
 
 __all__ = [
     "Callback",

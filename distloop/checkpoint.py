@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import os
 import queue
-import random
 import secrets
 import threading
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 FORMAT = "distloop-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: Lightning's names for the module and optimizer parts (see state.py)
 SUFFIX = ".ckpt"
 LAST = "last" + SUFFIX
 
@@ -226,28 +224,3 @@ def snapshot(obj: Any, _copies: dict | None = None) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(snapshot(v, copies) for v in obj)
     return obj
-
-
-def capture_rng() -> dict[str, Any]:
-    """This process's RNG states, as data ``weights_only`` loading accepts."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])

@@ -36,7 +36,8 @@ from distloop.strategies import DDPStrategy
 from distloop.strategies.ddp import distributed_env, init_default_group
 from distloop.strategies.devices import (check_backend, check_one_process, check_processes_per_node,
                                         check_strategy, uses_cuda)
-from distloop.trainer import Trainer, seed_everything
+from distloop.rng import seed_everything
+from distloop.trainer import Trainer
 
 EXIT_USER_ERROR = 2
 _handoff = {"sent": False}  # under an outer launcher: whether rank zero has sent the config

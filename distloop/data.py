@@ -1,8 +1,9 @@
-"""Resumable, distributed sampling: the data position is a global sample offset within an epoch.
+"""Resumable, distributed sampling, and how many batches a stage reads.
 
-Every rank draws the same permutation of the dataset (from ``seed + epoch``), skips the
-first ``offset`` samples (those already trained on, across all ranks), and takes every
-``num_replicas``-th of the rest. A run saved on N ranks can thus resume on M ranks with
+The data position is a global sample offset within an epoch: every rank draws the same
+permutation of the dataset (from ``seed + epoch``), skips the first ``offset`` samples
+(those already trained on, across all ranks), and takes every ``num_replicas``-th of the
+rest. A run saved on N ranks can thus resume on M ranks with
 no sample of the epoch skipped or repeated, and resuming never replays the loader.
 """
 
@@ -70,6 +71,14 @@ class ResumableSampler(Sampler[int]):
         self.set_epoch(state["epoch"], state["offset"])
 
 
+def prepare_loader(loader: Any, *, num_replicas: int, rank: int, seed: int, train: bool) -> Any:
+    """``loader`` as a stage reads it: training data always gets a resumable sampler (it makes
+    resume exact); evaluation data only when several ranks must shard it."""
+    if not train and num_replicas == 1:
+        return loader
+    return with_resumable_sampler(loader, num_replicas=num_replicas, rank=rank, seed=seed, train=train)
+
+
 def with_resumable_sampler(loader: Any, *, num_replicas: int, rank: int, seed: int, train: bool) -> Any:
     """``loader`` with a ``ResumableSampler`` in place of its sampler, where that can be done.
 
@@ -102,3 +111,36 @@ def with_resumable_sampler(loader: Any, *, num_replicas: int, rank: int, seed: i
         prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
         persistent_workers=loader.persistent_workers, pin_memory_device=loader.pin_memory_device,
     )
+
+
+def set_epoch(loader: Any, epoch: int, samples_seen: int = 0) -> None:
+    """Point ``loader``'s sampler at ``epoch``, past the ``samples_seen`` (global) already trained on.
+
+    A ``ResumableSampler`` starts at that offset; otherwise the first ``set_epoch`` found
+    (sampler, batch sampler, the loader itself) is told the epoch, as ``DistributedSampler``
+    expects.
+    """
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, ResumableSampler):
+        sampler.set_epoch(epoch, min(samples_seen, sampler.num_samples))
+        return
+    for holder in (sampler, getattr(loader, "batch_sampler", None), loader):
+        if holder is not None and hasattr(holder, "set_epoch"):
+            holder.set_epoch(epoch)
+            return
+
+
+def num_batches(loader: Any, limit: int | float, what: str) -> float:
+    """How many batches of ``loader`` a stage runs under ``limit_<what>_batches`` (inf: no length)."""
+    try:
+        n: float = len(loader)
+    except TypeError:
+        n = math.inf
+    if isinstance(limit, int):
+        return min(n, limit)
+    if math.isinf(n):
+        if limit not in (0.0, 1.0):
+            raise MisconfigurationError(
+                f"limit_{what}_batches={limit} is a fraction, but the {what} data has no length: pass an int.")
+        return 0 if limit == 0.0 else n
+    return int(n * limit) if limit < 1.0 else n

@@ -28,7 +28,7 @@ class Hooks:
             self._module_fns[name] = fn
         if fn is None:
             return None
-        ctx = self._module._ctx
+        ctx = self._module.log_context
         previous, ctx.fx = ctx.fx, name
         try:
             return fn(*args)
@@ -43,7 +43,7 @@ class Hooks:
         if not fns:
             return
         module = self._module
-        ctx = module._ctx
+        ctx = module.log_context
         previous, ctx.fx = ctx.fx, name
         try:
             for fn in fns:

@@ -18,9 +18,12 @@ _STEP_HOOKS = frozenset({"training_step", "on_train_batch_start", "on_train_batc
 
 
 class StepContext:
-    """Where ``self.log`` is called from: the hook, its result collection and batch. Set by the loops.
+    """Where ``self.log`` is called from: the hook (``fx``), the result collection it logs
+    into, and the batch (with its size, for batch-weighted means).
 
-    A plain object, because setting attributes on an ``nn.Module`` is slow on the hot path.
+    ``LoopModule.log_context`` is one; the loops set ``results`` and the batch, the hook
+    dispatch sets ``fx``: the one interface between them and ``self.log``. A plain object,
+    because setting attributes on an ``nn.Module`` is slow on the hot path.
     """
 
     __slots__ = ("fx", "results", "batch", "batch_size")
@@ -38,7 +41,7 @@ class LoopModule(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._trainer: Any = None
-        self._ctx = StepContext()
+        self.log_context = StepContext()
         self._metric_names: dict[int, str] | None = None
 
     # ------------------------------------------------------------ trainer access
@@ -147,7 +150,7 @@ class LoopModule(nn.Module):
         hooks, epoch values everywhere else. An epoch mean is weighted by ``batch_size``
         (found from the batch when not given).
         """
-        ctx = self._ctx
+        ctx = self.log_context
         results, fx = ctx.results, ctx.fx
         if results is None or fx is None:
             raise MisconfigurationError(

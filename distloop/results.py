@@ -1,30 +1,17 @@
 """ResultCollection: what ``self.log`` accumulates, and its sync across ranks.
 
-Each logged name keeps, on the value's device, a step value (the latest one logged)
-and, when ``on_epoch``, an accumulator that starts from the reduction's identity (0 for
-sum and mean, -inf for max, +inf for min). A mean is weighted by batch size; the weight
-is a host-side float, so logging never syncs host and device.
+One ``_Result`` per logged key (``"<hook>.<name>"``): the step value, an epoch accumulator
+on the value's device that starts at the reduction's identity, the values waiting to be
+folded in ``FOLD_EVERY`` at a time, and for a mean its batch-size weight, a host float.
+Invariants: logging neither communicates nor syncs host and device; reading never folds,
+so totals depend only on the values logged; waiting values go into checkpoints.
+``sync_dist`` values cross ranks only at sync points every rank reaches alike (a step
+read, an epoch read, ``sync`` for a checkpoint), one buffer per (reduce op, dtype), with
+a key check; ``_agreed`` changes only there, identically on every rank, so buffers are
+always sized alike and a mismatch is an error, never a hang. ``sync_dist=False`` values
+stay rank-local; without ``sync_fn`` a collection never communicates.
 
-A freshly computed value (a new tensor each step, not changed in place since) is not
-folded in at once: it waits in a list, and every ``FOLD_EVERY`` such values are folded
-together, so the usual ``self.log`` issues no kernel at all. Folding depends only on
-the values logged, never on when something reads them, and the waiting values are part
-of a checkpoint, so a resumed run adds up its values exactly as an uninterrupted one.
-Other values (the same tensor as the step before, a parameter, a view of a large
-tensor, a tensor already changed in place) are folded in at once, in one kernel.
-
-Nothing is reduced across ranks while logging. A sync point (a consumer reading the
-values, or a checkpoint) reduces every pending value together, in one flat buffer per
-(reduce op, dtype), after checking that all ranks hold the same keys. The first sync
-point of a kind (step read, epoch read, checkpoint) checks with a small collective of
-its own; later ones know the layout every rank agreed on last time, so each rank sends
-buffers of that size with a "my keys changed" count inside: one collective in all when
-nothing changed (the usual case), and the check plus the values again when something
-did. A rank mismatch raises an error on every rank instead of hanging.
-
-Values logged with ``sync_dist=False`` stay rank-local, as in Lightning: loggers write
-rank zero's. A checkpoint therefore syncs only ``sync_dist`` values and keeps rank
-zero's own for the others, so what is logged after a resume equals an uninterrupted run.
+Protocol (buffer layout, header and flags, costs, checkpoints): ``docs/metric-sync.md``.
 """
 
 from __future__ import annotations
@@ -78,6 +65,16 @@ class _Meta:
     def forked(self) -> bool:
         """Both step and epoch values are reported, as ``name_step`` and ``name_epoch``."""
         return self.on_step and self.on_epoch
+
+
+@dataclass
+class MetricsRead:
+    """What one read of a collection gives each consumer, and the flags the ranks agreed on."""
+
+    log: dict[str, Tensor]  # for the loggers (forked names: ``x_step`` / ``x_epoch``)
+    pbar: dict[str, Tensor]  # for the progress bar
+    callback: dict[str, Tensor]  # for ``trainer.callback_metrics`` (plain and forked names)
+    flags: int  # the OR over ranks of every rank's ``flags`` argument
 
 
 class _Result:
@@ -193,7 +190,6 @@ class ResultCollection:
         # Sync point kind -> the layout every rank held at its last one. It changes only at
         # sync points, alike on every rank, so every rank can size buffers from it.
         self._agreed: dict[str, tuple] = {}
-        self.agreed_flags = 0
 
     # ------------------------------------------------------------------ logging
     def log(
@@ -325,13 +321,13 @@ class ResultCollection:
                      bool(prog_bar), bool(logger), metric_attribute)
 
     # ------------------------------------------------------------------ reading
-    def metrics(self, on_step: bool, flags: int = 0) -> dict[str, dict[str, Tensor]]:
+    def metrics(self, on_step: bool, flags: int = 0) -> MetricsRead:
         """The step (``on_step=True``) or epoch values, split by consumer.
 
-        Returns ``{"log": ..., "pbar": ..., "callback": ...}``. ``sync_dist`` values are
-        reduced across ranks here, all together: every rank must call this at the same
-        point. ``flags`` (bits below ``2**FLAG_BITS``, e.g. "stop requested") ride along in
-        the key check; their OR over ranks is left in ``agreed_flags``.
+        ``sync_dist`` values are reduced across ranks here, all together: every rank must
+        call this at the same point. ``flags`` (bits below ``2**FLAG_BITS``: the control
+        plane's requests) ride along in the same collective; the read returns their OR over
+        ranks.
         """
         requests: list[tuple[str, str, Tensor | float, torch.dtype]] = []
         read: list[tuple[_Result, str]] = []
@@ -346,9 +342,9 @@ class ResultCollection:
                     requests.append((key, r.meta.reduce_fx, r.last, r.last.dtype))
             elif r.value is not None:
                 requests.extend(_accumulator_requests(key, r))
-        reduced = self._reduce(requests, "step" if on_step else "epoch", flags)
+        reduced, agreed = self._reduce(requests, "step" if on_step else "epoch", flags)
 
-        out: dict[str, dict[str, Tensor]] = {"log": {}, "pbar": {}, "callback": {}}
+        out = MetricsRead({}, {}, {}, agreed)
         for r, key in read:
             value = self._read_value(r, key, on_step, reduced)
             if value is None:
@@ -356,12 +352,12 @@ class ResultCollection:
             meta = r.meta
             forked = meta.name + ("_step" if on_step else "_epoch") if meta.forked else meta.name
             if meta.logger:
-                out["log"][forked] = value
+                out.log[forked] = value
             if self.training or not on_step:
-                out["callback"][meta.name] = value
-                out["callback"][forked] = value
+                out.callback[meta.name] = value
+                out.callback[forked] = value
             if meta.prog_bar:
-                out["pbar"][forked] = value
+                out.pbar[forked] = value
         return out
 
     @staticmethod
@@ -394,7 +390,7 @@ class ResultCollection:
         for key, r in self._items.items():
             if r.metric is None and r.meta.sync_dist and r.value is not None:
                 requests.extend(_accumulator_requests(key, r))
-        reduced = self._reduce(requests, "sync")
+        reduced, _ = self._reduce(requests, "sync")
         self._unsynced_state = {}
         for key, r in self._items.items():
             if key in reduced:
@@ -428,19 +424,19 @@ class ResultCollection:
         return list(seen.values())
 
     def _reduce(self, requests: list[tuple[str, str, Tensor | float, torch.dtype]], kind: str,
-                flags: int = 0) -> dict[str, Tensor]:
+                flags: int = 0) -> tuple[dict[str, Tensor], int]:
         """Reduce all requests across ranks, after checking every rank holds the same layout.
 
         A request is ``(key, op, value, dtype)``; ``kind`` names the sync point ("step",
-        "epoch", "sync"), which every rank reaches alike. See the module docstring for
+        "epoch", "sync"), which every rank reaches alike. See docs/metric-sync.md for
         the protocol: one collective per (op, dtype) buffer when the layout is the one
         agreed at the last sync point of this kind, a key check before them otherwise.
+        Returns the reduced values by key and the OR of every rank's ``flags``.
         """
         if not 0 <= flags < 2**FLAG_BITS:
             raise ValueError(f"flags={flags}: sync points agree on {FLAG_BITS} bits, 0 <= flags < {2**FLAG_BITS}")
         if self.sync_fn is None:
-            self.agreed_flags = flags
-            return {}
+            return {}, flags
         layout = tuple((key, op, dtype) for key, op, _, dtype in requests)
         device = next((t.device for _, _, t, _ in requests if isinstance(t, Tensor)), self.device)
         device = device or torch.device("cpu")
@@ -450,14 +446,14 @@ class ResultCollection:
             sent = requests if same else [(key, op, 0.0 if op == "weight" else torch.zeros((), dtype=dtype, device=device),
                                            dtype) for key, op, dtype in agreed]
             out, header = self._reduce_buffers(sent, device, [float(not same), *_bits(flags)])
-            self.agreed_flags = sum(1 << i for i, bit in enumerate(header[1:]) if bit > 0)
+            agreed_flags = sum(1 << i for i, bit in enumerate(header[1:]) if bit > 0)
             if header[0] == 0:
-                return out
+                return out, agreed_flags
             self._check_layout(layout, device, flags)  # some rank's keys changed: check them
         else:
-            self.agreed_flags = self._check_layout(layout, device, flags)
+            agreed_flags = self._check_layout(layout, device, flags)
         self._agreed[kind] = layout
-        return self._reduce_buffers(requests, device)[0]
+        return self._reduce_buffers(requests, device)[0], agreed_flags
 
     def _reduce_buffers(self, requests: list[tuple[str, str, Tensor | float, torch.dtype]], device: torch.device,
                         header: list[float] | None = None) -> tuple[dict[str, Tensor], list[float]]:

@@ -5,12 +5,13 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from distloop import CheckpointError, MisconfigurationError, ModelCheckpoint, Trainer
+from distloop import Callback, CheckpointError, MisconfigurationError, ModelCheckpoint, Trainer
 from distloop.checkpoint import FORMAT, load, newest_valid, write_atomic
 from resume_helpers import CrashAt, Net, epoch_rows, fit, loaders, merged_seen
 
@@ -29,7 +30,7 @@ def test_checkpoint_holds_the_whole_run_and_loads_weights_only(tmp_path, uninter
     trainer, _ = fit(str(tmp_path), max_steps=4)
     state = torch.load(tmp_path / "checkpoints" / "epoch=0-step=4.ckpt", weights_only=True)
     assert state["format"] == FORMAT and state["global_step"] == 4 and state["world_size"] == 1
-    assert set(state) >= {"module", "optimizer", "lr_schedulers", "precision", "loops", "callbacks", "rng", "config"}
+    assert set(state) >= {"state_dict", "optimizer_states", "lr_schedulers", "precision", "loops", "callbacks", "rng", "config"}
     loop = state["loops"]["fit_loop"]
     assert loop["epoch_loop.batch_progress"]["current"]["completed"] == 8  # two batches per step
     assert loop["epoch_loop.state_dict"] == {"samples_seen": 32}
@@ -37,20 +38,46 @@ def test_checkpoint_holds_the_whole_run_and_loads_weights_only(tmp_path, uninter
     assert set(state["rng"][0]) >= {"python", "numpy", "torch"}
 
 
+class LogPosition(Callback):
+    """Saves in each checkpoint how many rows the logger had written (and the step): where a resume rejoins the log."""
+
+    def __init__(self) -> None:
+        self.trainer = None
+        self.loaded: dict | None = None
+
+    def setup(self, trainer, module, stage):
+        self.trainer = trainer
+
+    def state_dict(self) -> dict:
+        return {"rows": len(self.trainer.loggers[0].rows), "step": self.trainer.global_step}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.loaded = dict(state_dict)
+
+
 @pytest.mark.parametrize("crash_at", [3, 12, 13])  # mid-epoch; at the epoch's last step; first step of an epoch
 def test_crash_and_resume_is_bitwise_equal(tmp_path, uninterrupted, crash_at):
     full_trainer, full = uninterrupted
-    crashed_trainer, crashed = fit(str(tmp_path), CrashAt(crash_at))
+    crashed_trainer, crashed = fit(str(tmp_path), CrashAt(crash_at), LogPosition())
     assert crashed_trainer.global_step == crash_at
-    trainer, resumed = fit(str(tmp_path), ckpt_path="last")
+    position = LogPosition()
+    trainer, resumed = fit(str(tmp_path), position, ckpt_path="last")
     assert trainer.global_step == full_trainer.global_step
     assert_same_weights(full, resumed)
     assert merged_seen(crashed, resumed) == merged_seen(full)
+    full_log, crashed_log, resumed_log = (t.loggers[0].rows for t in (full_trainer, crashed_trainer, trainer))
+    assert position.loaded is not None and resumed_log
+    written, resumed_step = position.loaded["rows"], position.loaded["step"]
     full_rows = epoch_rows(full_trainer)
-    resumed_rows = epoch_rows(trainer)  # what was logged before the crash is not logged again
-    assert resumed_rows
+    resumed_rows = epoch_rows(trainer)  # what was logged before the checkpoint is not logged again
     for step, row in resumed_rows.items():
-        assert row == {k: full_rows[step][k] for k in row}
+        assert step in full_rows, f"the resumed run logged epoch values at step {step}, the uninterrupted one did not"
+        if step > resumed_step:  # at the checkpoint's step, rows logged before the save belong to the crashed run
+            assert row == full_rows[step], f"step {step}: every key and value must match the uninterrupted run's"
+    # Every row, every key (step values, epoch values, validation values, "epoch"), in order: what the crashed
+    # run logged up to the checkpoint, then what the resumed run logged, is what the uninterrupted run logged.
+    assert crashed_log[:written] + resumed_log == full_log
+    assert epoch_rows(SimpleNamespace(loggers=[SimpleNamespace(rows=crashed_log[:written] + resumed_log)])) == full_rows
 
 
 def test_resume_twice_within_an_epoch(tmp_path, uninterrupted):

@@ -241,7 +241,7 @@ def test_round_trip_through_weights_only_load_restores_counters_and_restarting()
     assert dst.epoch_progress == src.epoch_progress
     assert dst.middle.progress == src.middle.progress
     assert dst.restarting and dst.middle.restarting and dst.middle.leaf.restarting
-    epoch = dst.middle.results.metrics(on_step=False)["callback"]
+    epoch = dst.middle.results.metrics(on_step=False).callback
     assert epoch["loss"] == torch.tensor(2.0)
     dst.middle.progress.reset_on_restart()
     assert dst.middle.progress.current.started == 0 and dst.middle.progress.total.processed == 1
@@ -264,7 +264,7 @@ def test_non_zero_rank_resets_loaded_results():
     dst.trainer = _trainer(global_zero=False)
     dst.load_state_dict(state)
     assert dst.middle.results.keys() == ["training_step.loss"]
-    value = dst.middle.results.metrics(on_step=False)["callback"]["loss"]
+    value = dst.middle.results.metrics(on_step=False).callback["loss"]
     assert torch.isnan(value)  # identity: nothing of rank zero's totals counted here
 
 
@@ -301,4 +301,4 @@ def test_metric_objects_are_reattached_from_the_module_on_load():
     dst.trainer = _trainer(dst_module)
     dst.load_state_dict(state)
     assert dst_module.total.compute() == 3.0
-    assert dst.middle.results.metrics(on_step=False)["log"]["total"] == 3.0
+    assert dst.middle.results.metrics(on_step=False).log["total"] == 3.0

@@ -1,12 +1,13 @@
 import io
 import math
+from fractions import Fraction
 
 import pytest
 import torch
 from torchmetrics import MeanMetric
 
 from distloop import MisconfigurationError, ResultCollection
-from distloop.results import FLAG_BITS
+from distloop.results import FLAG_BITS, FOLD_EVERY
 
 
 def _counting_identity():
@@ -23,7 +24,7 @@ def test_epoch_mean_is_weighted_by_batch_size():
     r = ResultCollection(training=True)
     r.log("training_step", "loss", torch.tensor(1.0), on_step=False, on_epoch=True, batch_size=1)
     r.log("training_step", "loss", torch.tensor(4.0), on_step=False, on_epoch=True, batch_size=3)
-    value = r.metrics(on_step=False)["log"]["loss"]
+    value = r.metrics(on_step=False).log["loss"]
     assert value.item() == pytest.approx((1.0 * 1 + 4.0 * 3) / 4)
 
 
@@ -31,7 +32,7 @@ def test_integer_values_never_floor():
     r = ResultCollection()
     r.log("validation_step", "correct", torch.tensor(1), batch_size=2)
     r.log("validation_step", "correct", torch.tensor(2), batch_size=2)
-    value = r.metrics(on_step=False)["log"]["correct"]
+    value = r.metrics(on_step=False).log["correct"]
     assert value.is_floating_point() and value.item() == 1.5
 
 
@@ -39,7 +40,7 @@ def test_float64_keeps_a_float64_accumulator():
     r = ResultCollection()
     r.log("validation_step", "x", torch.tensor(1.0 + 1e-12, dtype=torch.float64))
     r.log("validation_step", "x", torch.tensor(1.0, dtype=torch.float64))
-    value = r.metrics(on_step=False)["log"]["x"]
+    value = r.metrics(on_step=False).log["x"]
     assert value.dtype == torch.float64 and value.item() == 1.0 + 0.5e-12
 
 
@@ -48,7 +49,7 @@ def test_reductions(fx, expected):
     r = ResultCollection()
     for v in (1.0, 3.0, -2.0):
         r.log("validation_step", "v", v, reduce_fx=fx)
-    assert r.metrics(on_step=False)["log"]["v"].item() == expected
+    assert r.metrics(on_step=False).log["v"].item() == expected
 
 
 def test_reset_fills_the_reduction_identity():
@@ -62,7 +63,7 @@ def test_reset_fills_the_reduction_identity():
     assert state["validation_step.c"]["value"].item() == 0.0
     assert state["validation_step.d"]["value"].item() == 0.0 and state["validation_step.d"]["weight"] == 0
     r.log("validation_step", "a", -7.0, reduce_fx="max")
-    assert r.metrics(on_step=False)["log"]["a"].item() == -7.0
+    assert r.metrics(on_step=False).log["a"].item() == -7.0
 
 
 def test_step_and_epoch_names_and_consumers():
@@ -71,19 +72,19 @@ def test_step_and_epoch_names_and_consumers():
     r.log("training_step", "lr", 0.1, on_step=True, on_epoch=False, logger=False, prog_bar=True)
     r.log("training_step", "acc", 0.5, on_step=False, on_epoch=True)
     step = r.metrics(on_step=True)
-    assert set(step["log"]) == {"loss_step"}
-    assert set(step["pbar"]) == {"loss_step", "lr"}
-    assert set(step["callback"]) == {"loss", "loss_step", "lr"}
+    assert set(step.log) == {"loss_step"}
+    assert set(step.pbar) == {"loss_step", "lr"}
+    assert set(step.callback) == {"loss", "loss_step", "lr"}
     epoch = r.metrics(on_step=False)
-    assert set(epoch["log"]) == {"loss_epoch", "acc"}
-    assert set(epoch["callback"]) == {"loss", "loss_epoch", "acc"}
+    assert set(epoch.log) == {"loss_epoch", "acc"}
+    assert set(epoch.callback) == {"loss", "loss_epoch", "acc"}
 
 
 def test_evaluation_step_values_do_not_reach_callbacks():
     r = ResultCollection(training=False)
     r.log("validation_step", "v", 1.0, on_step=True, on_epoch=True)
-    assert r.metrics(on_step=True)["callback"] == {}
-    assert set(r.metrics(on_step=True)["log"]) == {"v_step"}
+    assert r.metrics(on_step=True).callback == {}
+    assert set(r.metrics(on_step=True).log) == {"v_step"}
 
 
 def test_logging_does_not_move_values_to_the_host(monkeypatch):
@@ -143,7 +144,7 @@ def test_metric_state_survives_a_weights_only_round_trip():
     restored.load_state_dict(state, metrics={"m": fresh})
     assert fresh.compute().item() == 2.0
     fresh.update(torch.tensor([6.0]))
-    assert restored.metrics(on_step=False)["log"]["m"].item() == 3.0
+    assert restored.metrics(on_step=False).log["m"].item() == 3.0
     with pytest.raises(MisconfigurationError, match="no Metric of that name"):
         ResultCollection().load_state_dict(state, metrics={})
 
@@ -179,9 +180,9 @@ def test_a_sync_point_whose_keys_were_agreed_before_costs_one_collective_with_th
             r.log("training_step", f"m{i}", torch.tensor(float(i + step)), on_step=True, on_epoch=True,
                   sync_dist=True)
         calls.clear()
-        step_values = r.metrics(on_step=True, flags=0b101)["log"]
-        assert step_values["m3_step"].item() == 3.0 + step
-        assert r.agreed_flags == 0b101
+        read = r.metrics(on_step=True, flags=0b101)
+        assert read.log["m3_step"].item() == 3.0 + step
+        assert read.flags == 0b101
         if step == 0:  # key check, then the values
             assert calls == [("max", torch.int64, 2 + FLAG_BITS), ("sum", torch.float32, 21)]
         else:  # the values, with "keys changed" and the flags behind the world-size slot
@@ -196,9 +197,9 @@ def test_new_keys_after_an_agreed_layout_cost_the_check_and_the_values_again():
     r.metrics(on_step=True)
     r.log("training_step", "peak", torch.tensor(5.0), on_step=True, reduce_fx="max", sync_dist=True)
     calls.clear()
-    values = r.metrics(on_step=True, flags=2)["log"]
-    assert values == {"a_step": torch.tensor(1.0), "peak_step": torch.tensor(5.0)}
-    assert r.agreed_flags == 2
+    read = r.metrics(on_step=True, flags=2)
+    assert read.log == {"a_step": torch.tensor(1.0), "peak_step": torch.tensor(5.0)}
+    assert read.flags == 2
     assert calls == [("sum", torch.float32, 2 + 1 + FLAG_BITS),  # the agreed layout's size: "changed"
                      ("max", torch.int64, 2 + FLAG_BITS), ("sum", torch.float32, 2), ("max", torch.float32, 1)]
     calls.clear()
@@ -217,8 +218,9 @@ def test_a_min_only_layout_carries_the_header_negated():
     r.sync_fn = two_ranks
     r.log("training_step", "low", torch.tensor(-3.0), on_step=True, on_epoch=False, reduce_fx="min", sync_dist=True)
     r.metrics(on_step=True)
-    assert r.metrics(on_step=True, flags=1)["log"]["low"].item() == -3.0
-    assert r.agreed_flags == 1
+    read = r.metrics(on_step=True, flags=1)
+    assert read.log["low"].item() == -3.0
+    assert read.flags == 1
 
 
 def test_flags_outside_the_agreed_bits_are_an_error():
@@ -251,14 +253,14 @@ def test_step_mean_across_ranks_uses_the_world_size_from_the_same_buffer():
     r = ResultCollection(training=True)
     r.sync_fn = two_ranks_same_values
     r.log("training_step", "loss", torch.tensor(5.0), on_step=True, on_epoch=False, sync_dist=True)
-    assert r.metrics(on_step=True)["log"]["loss"].item() == 5.0
+    assert r.metrics(on_step=True).log["loss"].item() == 5.0
 
 
 def test_clear_forgets_keys():
     r = ResultCollection()
     r.log("validation_step", "x", 1.0)
     r.clear()
-    assert len(r) == 0 and r.metrics(on_step=False)["log"] == {}
+    assert len(r) == 0 and r.metrics(on_step=False).log == {}
 
 
 # ---------------------------------------------------------------- deferred epoch values (try_log)
@@ -275,19 +277,70 @@ def _fast_logged(values, sizes, reduce_fx="mean"):
     return r
 
 
-@pytest.mark.parametrize("reduce_fx", ["mean", "sum", "max", "min"])
-def test_deferred_values_reduce_like_eager_ones_across_folds(reduce_fx):
-    from distloop.results import FOLD_EVERY
+def _log_as_self_log_does(r, values, sizes, reduce_fx):
+    args = (True, True, reduce_fx, False, False, True, None)
+    for v, n in zip(values, sizes):
+        if not r.try_log("training_step.x", args, v, n):
+            r.log("training_step", "x", v, on_step=True, on_epoch=True, reduce_fx=reduce_fx, batch_size=n)
 
-    g = torch.Generator().manual_seed(0)
-    values = list(torch.randn(2 * FOLD_EVERY + 5, generator=g, dtype=torch.float64))  # crosses two folds
-    sizes = [4 + i % 3 for i in range(len(values))]  # unequal batch sizes: a weighted fold
-    r = _fast_logged([v.clone() for v in values], sizes, reduce_fx)
-    assert len(r._items["training_step.x"].pending) == 4  # fresh tensors waited; the folds happened by count
-    got = r.metrics(on_step=False)["log"]["x_epoch"].item()
-    v, w = torch.stack(values), torch.tensor(sizes, dtype=torch.float64)
-    expected = {"mean": (v * w).sum() / w.sum(), "sum": v.sum(), "max": v.max(), "min": v.min()}[reduce_fx]
-    assert got == pytest.approx(expected.item(), rel=1e-12)
+
+def _epoch_value(r):
+    return r.metrics(on_step=False).log["x_epoch"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("sizes", ["unequal", "equal"])
+@pytest.mark.parametrize("n", [1, FOLD_EVERY - 1, FOLD_EVERY, FOLD_EVERY + 1, 2 * FOLD_EVERY + 2, 2 * FOLD_EVERY + 5])
+@pytest.mark.parametrize("reduce_fx", ["mean", "sum", "max", "min"])
+def test_deferred_values_reduce_like_eager_ones_across_folds(reduce_fx, n, sizes, dtype):
+    # Odd multiples of 1/8 (none is 0): every weighted sum below is exact, in any order of addition, so a
+    # value lost or counted twice while waiting to be folded changes the result, and the result is exact.
+    numbers = [(2 * ((37 * i) % 101) - 101) / 8 for i in range(n)]
+    if reduce_fx in ("max", "min") and n > 1:
+        numbers[-1] = 100.0 if reduce_fx == "max" else -100.0  # the extreme is the last value logged
+    if sizes == "equal":
+        batch = [4] * n
+    else:  # unequal (a weighted fold), the last one making the total a power of two: an exact mean
+        batch = [1 + i % 4 for i in range(n)]
+        batch[-1] = 2 ** math.ceil(math.log2(sum(batch[:-1]) + 1)) - sum(batch[:-1])
+    weighted, weight = sum(Fraction(v) * b for v, b in zip(numbers, batch)), sum(batch)
+    expected = {"mean": weighted / weight, "sum": sum(map(Fraction, numbers)),
+                "max": max(numbers), "min": min(numbers)}[reduce_fx]
+    inexact = reduce_fx == "mean" and sizes == "equal"  # one rounding, in the final division
+
+    def check(value):
+        assert value.dtype == dtype
+        if inexact:
+            assert value.item() == pytest.approx(float(expected), rel=1e-6 if dtype == torch.float32 else 1e-14)
+        else:
+            assert value.item() == float(expected)
+
+    values = [torch.tensor(v, dtype=dtype) for v in numbers]  # fresh tensors: the ones that wait to be folded
+    r = _fast_logged(values, batch, reduce_fx)
+    check(_epoch_value(r))
+
+    # A checkpoint in the middle of waiting values, then the rest: exactly the uninterrupted value.
+    cut = max(1, n - 2)
+    part = _fast_logged(values[:cut], batch[:cut], reduce_fx)
+    buf = io.BytesIO()
+    torch.save(part.state_dict(), buf)
+    buf.seek(0)
+    resumed = ResultCollection(training=True)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    _log_as_self_log_does(resumed, values[cut:], batch[cut:], reduce_fx)
+    assert torch.equal(_epoch_value(resumed), _epoch_value(r))
+
+    # After reset nothing of it is left, waiting values included: the identity (no weight: nan for a mean),
+    # and the same values logged again give the same epoch value.
+    r.reset()
+    after = r.metrics(on_step=False).log
+    if "x_epoch" in after:
+        identity = {"mean": math.nan, "sum": 0.0, "max": -math.inf, "min": math.inf}[reduce_fx]
+        assert after["x_epoch"].item() == identity or math.isnan(identity) and after["x_epoch"].isnan()
+    _log_as_self_log_does(r, [v.clone() for v in values], batch, reduce_fx)
+    check(_epoch_value(r))
+    if not inexact:
+        assert torch.equal(_epoch_value(r), _epoch_value(resumed))
 
 
 def test_reading_does_not_fold_so_the_sum_depends_only_on_the_values():
@@ -298,7 +351,7 @@ def test_reading_does_not_fold_so_the_sum_depends_only_on_the_values():
     for v in values[50:]:
         reads.try_log("training_step.x", ARGS, v, 2)
     quiet = _fast_logged(values, [2] * 100)
-    assert torch.equal(reads.metrics(on_step=False)["log"]["x_epoch"], quiet.metrics(on_step=False)["log"]["x_epoch"])
+    assert torch.equal(reads.metrics(on_step=False).log["x_epoch"], quiet.metrics(on_step=False).log["x_epoch"])
 
 
 def test_waiting_values_survive_a_checkpoint_round_trip_exactly():
@@ -312,7 +365,7 @@ def test_waiting_values_survive_a_checkpoint_round_trip_exactly():
     resumed.load_state_dict(torch.load(buf, weights_only=True))
     for v in values[70:]:
         assert resumed.try_log("training_step.x", ARGS, v, 3)
-    assert torch.equal(resumed.metrics(on_step=False)["log"]["x_epoch"], full.metrics(on_step=False)["log"]["x_epoch"])
+    assert torch.equal(resumed.metrics(on_step=False).log["x_epoch"], full.metrics(on_step=False).log["x_epoch"])
 
 
 def test_a_value_changed_in_place_after_logging_is_a_clear_error():
@@ -327,13 +380,27 @@ def test_a_value_changed_in_place_after_logging_is_a_clear_error():
 @pytest.mark.parametrize("kind", ["same tensor", "parameter", "view of a large tensor", "changed before"])
 def test_values_that_may_change_or_hold_memory_are_folded_in_at_once(kind):
     big = torch.arange(1000.0)
-    value = {"same tensor": torch.tensor(5.0), "parameter": torch.nn.Parameter(torch.tensor(5.0)),
-             "view of a large tensor": big[5], "changed before": torch.tensor(2.0).add_(3.0)}[kind]
+    same, parameter = torch.tensor(5.0), torch.nn.Parameter(torch.tensor(5.0))
+    make = {"same tensor": lambda: same, "parameter": lambda: parameter,  # one object, logged again
+            "view of a large tensor": lambda: big[5],  # a new view each time
+            "changed before": lambda: torch.tensor(2.0).add_(3.0)}[kind]  # a new tensor each time
     r = ResultCollection(training=True)
+    logged = []
     for _ in range(3):  # as ``self.log`` does: the fast path, else the full one
+        value = make()
+        logged.append(value)
         if not r.try_log("training_step.x", ARGS, value, 1):
             r.log("training_step", "x", value, on_step=True, on_epoch=True, batch_size=1)
-    assert r._items["training_step.x"].pending == []
     with torch.no_grad():
-        (big if kind == "view of a large tensor" else value).add_(100.0)
-    assert r.metrics(on_step=False)["log"]["x_epoch"].item() == 5.0
+        for value in [big] if kind == "view of a large tensor" else {id(v): v for v in logged}.values():
+            value.add_(100.0)
+    # Folded in when logged: reading now, and a checkpoint taken now, give the value as it was logged
+    # (not 105, and no "changed in place" error), and the checkpoint holds no copy of the large tensor.
+    assert r.metrics(on_step=False).log["x_epoch"].item() == 5.0
+    buf = io.BytesIO()
+    torch.save(r.state_dict(), buf)
+    assert buf.tell() < big.numel() * big.element_size()
+    buf.seek(0)
+    restored = ResultCollection(training=True)
+    restored.load_state_dict(torch.load(buf, weights_only=True))
+    assert restored.metrics(on_step=False).log["x_epoch"].item() == 5.0

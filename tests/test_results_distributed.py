@@ -85,7 +85,7 @@ def _checkpoint_then_resume(rank, world_size):
     resumed.load_state_dict(loaded)
     assert resumed.restarting
     _log(resumed, module2, rank, after)
-    epoch = resumed.results.metrics(on_step=False)["log"]
+    epoch = resumed.results.metrics(on_step=False).log
 
     all_values = {0: [1.0, 2.0, 3.0], 1: [10.0, -4.0, 7.0, 20.0]}
     weighted = sum(v * (r + 1) for r, vs in all_values.items() for v in vs)
@@ -137,11 +137,11 @@ def _count_collectives(rank, world_size):
         for i in range(20):
             r.log("training_step", f"m{i}", torch.tensor(float(i + rank)), on_step=True, on_epoch=True,
                   batch_size=2, sync_dist=True)
-        step = r.metrics(on_step=True)["log"]
+        step = r.metrics(on_step=True).log
         assert len(calls) == 2, calls
         assert step["m3_step"].item() == pytest.approx(3.5)  # mean of 3 and 4 across ranks
         calls.clear()
-        epoch = r.metrics(on_step=False)["log"]
+        epoch = r.metrics(on_step=False).log
         assert len(calls) == 2, calls
         assert epoch["m3_epoch"].item() == pytest.approx(3.5)
         calls.clear()
@@ -153,15 +153,15 @@ def _count_collectives(rank, world_size):
             r.log("training_step", f"m{i}", torch.tensor(float(2 * i + rank)), on_step=True, on_epoch=True,
                   batch_size=2, sync_dist=True)
         calls.clear()
-        step = r.metrics(on_step=True, flags=1 << rank)["log"]
+        step = r.metrics(on_step=True, flags=1 << rank)
         assert len(calls) == 1, calls
-        assert step["m3_step"].item() == pytest.approx(6.5)
-        assert r.agreed_flags == 0b11  # OR over ranks
+        assert step.log["m3_step"].item() == pytest.approx(6.5)
+        assert step.flags == 0b11  # OR over ranks
         calls.clear()
-        epoch = r.metrics(on_step=False, flags=4 * rank)["log"]
+        epoch = r.metrics(on_step=False, flags=4 * rank)
         assert len(calls) == 1, calls
-        assert epoch["m3_epoch"].item() == pytest.approx(5.0)  # (3 + 4 + 6 + 7) / 4
-        assert r.agreed_flags == 4
+        assert epoch.log["m3_epoch"].item() == pytest.approx(5.0)  # (3 + 4 + 6 + 7) / 4
+        assert epoch.flags == 4
     finally:
         dist.all_reduce = real
 
@@ -187,7 +187,7 @@ def _keys_diverging_after_agreement(rank, world_size):
     # Once every rank logs it, the next read agrees on the new keys and reduces them.
     if rank == 0:
         r.log("training_step", "late", torch.tensor(3.0), on_step=True, sync_dist=True)
-    assert r.metrics(on_step=True)["log"]["late_step"].item() == 2.0
+    assert r.metrics(on_step=True).log["late_step"].item() == 2.0
 
 
 @pytest.mark.timeout(120)

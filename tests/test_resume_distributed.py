@@ -146,8 +146,8 @@ def test_a_rank_killed_under_torchrun_restarts_and_resumes_bitwise(tmp_path):
     final = "epoch=1-step=24.ckpt"
     a = load(str(tmp_path / "full" / "checkpoints" / final))
     b = load(str(tmp_path / "killed" / "checkpoints" / final))
-    for name, value in a["module"].items():
-        assert torch.equal(b["module"][name], value), name
+    for name, value in a["state_dict"].items():
+        assert torch.equal(b["state_dict"][name], value), name
     with open(tmp_path / "killed" / "metrics.csv") as f:
         epochs = [r for r in csv.DictReader(f) if r.get("train_loss_epoch")]
     with open(tmp_path / "full" / "metrics.csv") as f:

@@ -92,11 +92,38 @@ def test_fit_trains_and_counts():
     assert isinstance(t.progress_bar_metrics["loss_epoch"], float)
 
 
-def test_hooks_run_in_order_and_only_where_overridden():
-    rec = Recorder()
-    t = trainer(max_epochs=2, callbacks=[rec], num_sanity_val_steps=1)
+class LossRecorder(Linear):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.losses = getattr(self, "losses", []) + [loss.detach().clone()]
+        return loss
+
+
+class Spy(Callback):
+    """Overrides two hooks and records every argument they get."""
+
+    def __init__(self):
+        self.batch_end, self.before_backward = [], []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.batch_end.append((trainer, module, outputs, batch, batch_idx))
+
+    def on_before_backward(self, trainer, module, loss):
+        self.before_backward.append((trainer, module, loss.detach().clone()))
+
+
+def test_hooks_run_in_order_and_only_where_overridden(monkeypatch):
+    # Every hook a callback inherits from Callback counts its calls: none may happen for a hook not overridden.
+    inherited = []
+    for name in [n for n in vars(Callback) if n.startswith("on_")]:
+        def counting(self, *args, _name=name, **kwargs):
+            inherited.append((type(self).__name__, _name))
+        monkeypatch.setattr(Callback, name, counting)
+    rec, spy = Recorder(), Spy()
+    t = trainer(max_epochs=2, callbacks=[rec, spy], num_sanity_val_steps=1)
     data = make_data(n=24)
-    t.fit(Linear(), data, data)
+    module = LossRecorder()
+    t.fit(module, data, data)
     assert rec.calls == [
         ("val_start", True, 0),
         ("train_epoch_start", 0), ("batch_end", 0), ("batch_end", 1), ("batch_end", 2),
@@ -104,9 +131,19 @@ def test_hooks_run_in_order_and_only_where_overridden():
         ("train_epoch_start", 1), ("batch_end", 0), ("batch_end", 1), ("batch_end", 2),
         ("val_start", False, 6), ("train_epoch_end", 1, True),
     ]
-    # Dispatch tables hold only the callbacks that override a hook.
-    assert t.hooks._callback_fns["on_before_backward"] == []
-    assert len(t.hooks._callback_fns["on_train_batch_end"]) == 1
+    # Hooks nobody overrides (on_before_backward for Recorder, on_validation_start for Spy, ...) never ran.
+    assert inherited == []
+    # Overridden hooks ran once per event, with Lightning's arguments.
+    assert len(spy.batch_end) == 2 * len(data) and len(module.losses) == 2 * len(data)
+    for i, (trainer_arg, module_arg, outputs, batch, batch_idx) in enumerate(spy.batch_end):
+        assert trainer_arg is t and module_arg is module
+        assert batch_idx == i % len(data)
+        assert all(torch.equal(a, b) for a, b in zip(batch, data[batch_idx], strict=True))
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs  # what training_step returned
+        assert isinstance(loss, torch.Tensor) and torch.equal(loss.detach(), module.losses[i])
+    assert len(spy.before_backward) == 2 * len(data)  # once per backward (no accumulation)
+    for (trainer_arg, module_arg, loss), logged in zip(spy.before_backward, module.losses):
+        assert trainer_arg is t and module_arg is module and torch.equal(loss, logged)
 
 
 def test_gradient_accumulation_equals_a_doubled_batch():
@@ -282,10 +319,41 @@ def test_progress_lines_when_not_a_terminal(capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_bf16_mixed_runs_on_cpu():
-    t = trainer(max_epochs=1, precision="bf16-mixed")
-    t.fit(Linear(), make_data(), make_data())
-    assert math.isfinite(t.callback_metrics["val_loss"].item())
+class DtypeRecorder(Linear):
+    """Records the dtype of an activation computed inside each training and validation step."""
+
+    def __init__(self):
+        super().__init__()
+        self.train_dtypes, self.val_dtypes = [], []
+
+    def training_step(self, batch, batch_idx):
+        self.train_dtypes.append(self.layer(batch[0]).dtype)
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.val_dtypes.append(self.layer(batch[0]).dtype)
+        return super().validation_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("precision, activation", [("bf16-mixed", torch.bfloat16), (None, torch.float32),
+                                                   ("32", torch.float32)])
+def test_bf16_mixed_runs_on_cpu(precision, activation):
+    data = make_data()
+    module = DtypeRecorder()
+    x, y = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+    before = F.mse_loss(module(x), y).item()
+    t = trainer(max_epochs=2, num_sanity_val_steps=0, **({} if precision is None else {"precision": precision}))
+    t.fit(module, data, data)
+    # The forward ran under the precision's autocast in every step (and only then: none outside it).
+    assert module.train_dtypes == [activation] * (2 * len(data))
+    assert module.val_dtypes == [activation] * (2 * len(data))
+    assert module(x).dtype == torch.float32  # autocast does not leak out of the steps
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # mixed: the weights stay float32
+    # It still trains.
+    assert t.global_step == 2 * len(data) and t.current_epoch == 2
+    loss, val_loss = t.callback_metrics["loss_epoch"].item(), t.callback_metrics["val_loss"].item()
+    assert math.isfinite(loss) and math.isfinite(val_loss)
+    assert val_loss < before / 4
 
 
 def test_data_from_a_torch_dataloader_and_a_datamodule():
@@ -390,6 +458,22 @@ def test_nan_loss_raises_or_skips():
     t.fit(module, make_data())
     assert all(torch.isfinite(p).all() for p in module.parameters())
     assert t.global_step == 16
+
+
+def test_nan_loss_raise_stops_before_the_first_non_finite_update():
+    class NanAt(Linear):
+        def training_step(self, batch, batch_idx):
+            self.before = {k: v.clone() for k, v in self.state_dict().items()}
+            loss = super().training_step(batch, batch_idx)
+            return loss * float("nan") if self.trainer.global_step == 5 else loss
+
+    module = NanAt()
+    t = trainer(max_epochs=3, log_every_n_steps=50)
+    with pytest.raises(FloatingPointError, match="global step 5 .*no update was made"):
+        t.fit(module, make_data())
+    assert t.global_step == 5
+    for name, value in module.state_dict().items():  # the weights the non-finite step started from
+        assert torch.equal(value, module.before[name]) and torch.isfinite(value).all(), name
 
 
 def test_log_outside_a_hook_is_an_error():

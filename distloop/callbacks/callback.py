@@ -60,3 +60,9 @@ class Callback:
     def on_before_optimizer_step(self, trainer: Any, module: Any, optimizer: Any) -> None: ...
     def on_before_zero_grad(self, trainer: Any, module: Any, optimizer: Any) -> None: ...
     def on_exception(self, trainer: Any, module: Any, exception: BaseException) -> None: ...
+
+    def on_resumable_point(self, trainer: Any, module: Any) -> None:
+        """The run can be resumed exactly from here: after a whole optimizer step and the
+        validation it triggered, and after a whole epoch (its end hooks and scheduler steps
+        done). Called on every rank alike, so a callback may save a checkpoint here
+        (``trainer.save_checkpoint`` is a collective); ``ModelCheckpoint`` does."""

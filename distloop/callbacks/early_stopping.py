@@ -64,14 +64,14 @@ class EarlyStopping(Callback):
     def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
         on_train = self.check_on_train_epoch_end
         if on_train is None:
-            on_train = trainer.val_dataloader is None or trainer.num_val_batches == 0
+            on_train = not trainer.has_validation
         if on_train:
             self._check(trainer)
 
     def on_validation_end(self, trainer: Any, module: Any) -> None:
         if trainer.sanity_checking or self.check_on_train_epoch_end:
             return
-        if trainer.val_dataloader is not None and trainer.num_val_batches:
+        if trainer.has_validation:
             self._check(trainer)
 
     def _check(self, trainer: Any) -> None:

@@ -1,10 +1,11 @@
 """ModelCheckpoint: when to save, what to keep, and the ``last.ckpt`` link.
 
-Hooks only note that a save is due; the Trainer saves at the next point a run can be
-resumed from exactly (after a whole optimizer step and any validation it triggered, or
-after a whole epoch), so a resumed run never repeats or skips a hook. Saving is a
-collective; the decision is the same on every rank (step counts are; monitored values
-and clocks are taken from rank zero).
+Hooks only note that a save is due; the save happens at the next point a run can be
+resumed from exactly (``on_resumable_point``: after a whole optimizer step and any
+validation it triggered, or after a whole epoch), so a resumed run never repeats or
+skips a hook. Saving is a collective; the decision is the same on every rank: step counts
+are; monitored values are taken from rank zero; a clock that says a timed save is due is
+a request (``Request.SAVE``) the ranks agree on at the next metrics read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 from distloop.callbacks.callback import Callback
 from distloop.checkpoint import LAST, SUFFIX, point_last
+from distloop.control import Request
 from distloop.errors import MisconfigurationError
 
 
@@ -104,27 +106,24 @@ class ModelCheckpoint(Callback):
         n = self.every_n_train_steps
         if n and trainer.global_step % n == 0 and trainer.global_step != self._last_step_saved:
             self._due = True
-
-    def time_due(self) -> bool:
-        """This rank's clock says a time-based save is due (the Trainer agrees it across ranks)."""
-        return self.train_time_interval is not None and time.monotonic() - self._last_time >= self.train_time_interval
+        interval = self.train_time_interval
+        if interval is not None and time.monotonic() - self._last_time >= interval:
+            trainer.control.request(Request.SAVE)  # this rank's clock: the ranks agree before anyone saves
 
     def on_validation_end(self, trainer: Any, module: Any) -> None:
         if not trainer.sanity_checking and self._epoch_due(trainer):
             self._due = True
 
     def on_train_epoch_end(self, trainer: Any, module: Any) -> None:
-        no_val = trainer.val_dataloader is None or trainer.num_val_batches == 0
-        if no_val and self._epoch_due(trainer):
+        if not trainer.has_validation and self._epoch_due(trainer):
             self._due = True
 
     def _epoch_due(self, trainer: Any) -> bool:
         return bool(self.every_n_epochs) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     # ---------------------------------------------------------------- saving, at a resumable point
-    def save_if_due(self, trainer: Any, time_agreed: bool) -> None:
-        """Called by the Trainer on every rank at a point the run can resume from exactly."""
-        if time_agreed:
+    def on_resumable_point(self, trainer: Any, module: Any) -> None:
+        if self.train_time_interval is not None and trainer.control.decided(Request.SAVE):
             self._due = True
         if not self._due or trainer.global_step == self._last_step_saved:
             self._due = False

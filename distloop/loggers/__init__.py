@@ -1,7 +1,8 @@
 """Loggers: CSV and TensorBoard, written from global rank zero only."""
 
 from distloop.loggers.csv import CSVLogger
-from distloop.loggers.logger import Logger
+from distloop.loggers.logger import Logger, next_version_dir
+from distloop.loggers.resolve import resolve_loggers
 from distloop.loggers.tensorboard import TensorBoardLogger
 
-__all__ = ["CSVLogger", "Logger", "TensorBoardLogger"]
+__all__ = ["CSVLogger", "Logger", "TensorBoardLogger", "next_version_dir", "resolve_loggers"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -24,3 +25,11 @@ class Logger(ABC):
     def finalize(self, status: str) -> None:
         """The run ended with ``status`` ("success", "failed" or "interrupted")."""
         self.save()
+
+
+def next_version_dir(root: str) -> str:
+    """``root/version_N`` for the first N not taken yet."""
+    version = 0
+    while os.path.exists(os.path.join(root, f"version_{version}")):
+        version += 1
+    return os.path.join(root, f"version_{version}")

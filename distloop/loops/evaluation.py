@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from distloop.loops.fetcher import Prefetcher, next_batch
+from distloop.loops.fetcher import BatchIterator, next_batch
 from distloop.loops.loop import Loop
 from distloop.progress import BatchProgress
 from distloop.results import ResultCollection
@@ -28,7 +28,7 @@ class EvaluationLoop(Loop):
                             for part in ("start", "epoch_start", "batch_start", "batch_end", "epoch_end", "end")}
         self.batch_progress = BatchProgress()
         self.results = ResultCollection(training=False)
-        self._batches: Prefetcher | None = None
+        self._batches: BatchIterator | None = None
         self._was_training = False
         self._outer_results: ResultCollection | None = None
 
@@ -44,10 +44,10 @@ class EvaluationLoop(Loop):
         trainer, module = self.trainer, self.trainer.module
         self._was_training = module.training
         module.eval()
-        self._outer_results, module._ctx.results = module._ctx.results, self.results
+        self._outer_results, module.log_context.results = module.log_context.results, self.results
         self.results.device = trainer.strategy.root_device
         self.results.sync_fn = trainer.metrics_sync_fn
-        self._batches = Prefetcher(dataloader, max_batches)
+        self._batches = BatchIterator(dataloader, max_batches)
         trainer.hooks(self._hook_names["start"])
         trainer.hooks(self._hook_names["epoch_start"])
 
@@ -55,15 +55,15 @@ class EvaluationLoop(Loop):
         assert self._batches is not None
         trainer, module, progress = self.trainer, self.trainer.module, self.batch_progress
         batch, batch_idx = next_batch(self._batches, progress, trainer.strategy)
-        module._ctx.batch, module._ctx.batch_size = batch, None
+        module.log_context.batch, module.log_context.batch_size = batch, None
         trainer.hooks(self._hook_names["batch_start"], batch, batch_idx)
         progress.increment_started()
-        module._ctx.fx = self._step_name
+        module.log_context.fx = self._step_name
         try:
-            with torch.no_grad(), trainer.strategy.precision.autocast():
+            with torch.no_grad(), trainer.strategy.autocast():
                 outputs = getattr(module, self._step_name)(batch, batch_idx)
         finally:
-            module._ctx.fx = None
+            module.log_context.fx = None
         progress.increment_processed()
         trainer.hooks(self._hook_names["batch_end"], outputs, batch, batch_idx)
         progress.increment_completed()
@@ -74,7 +74,7 @@ class EvaluationLoop(Loop):
         metrics = {} if trainer.sanity_checking else trainer.read_metrics(self.results, on_step=False)
         trainer.hooks.callbacks(self._hook_names["epoch_end"])
         trainer.hooks(self._hook_names["end"])
-        module._ctx.results = self._outer_results
+        module.log_context.results = self._outer_results
         if self._was_training:
             module.train()
         return metrics

@@ -16,8 +16,11 @@ from distloop.progress import BatchProgress
 _END = object()
 
 
-class Prefetcher:
-    """Yields ``(batch, is_last)``, stopping after ``limit`` batches."""
+class BatchIterator:
+    """Yields ``(batch, is_last)``, stopping after ``limit`` batches.
+
+    It fetches ahead only when it must: for data without a length, one batch ahead.
+    """
 
     def __init__(self, iterable: Iterable, limit: float = math.inf) -> None:
         self._iterator = iter(iterable)
@@ -39,7 +42,7 @@ class Prefetcher:
         self.fetched += 1
         return batch
 
-    def __iter__(self) -> Prefetcher:
+    def __iter__(self) -> BatchIterator:
         return self
 
     def __next__(self) -> tuple[Any, bool]:
@@ -57,7 +60,7 @@ class Prefetcher:
         return batch, self._next is _END
 
 
-def next_batch(batches: Prefetcher, progress: BatchProgress, strategy: Any) -> tuple[Any, int]:
+def next_batch(batches: BatchIterator, progress: BatchProgress, strategy: Any) -> tuple[Any, int]:
     """The next batch, on the device, and its index, counted as ready; ``StopIteration`` at the end."""
     batch, progress.is_last_batch = next(batches)
     batch_idx = progress.current.ready

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from distloop.loops.loop import Loop
+from distloop.optim import step_schedulers
 from distloop.loops.training_epoch import TrainingEpochLoop
 from distloop.progress import Progress
 
@@ -42,8 +43,24 @@ class FitLoop(Loop):
     def on_run_start(self) -> None:
         trainer = self.trainer
         if not self.restarting:
-            trainer.run_sanity_check(self.epoch_loop.val_loop)
+            self.run_sanity_check()
         trainer.hooks("on_train_start")
+
+    def run_sanity_check(self) -> None:
+        """A few validation batches before training, so a bug in validation fails fast."""
+        trainer, val_loop = self.trainer, self.epoch_loop.val_loop
+        steps = trainer.num_sanity_val_steps
+        if steps == 0 or not trainer.has_validation:
+            return
+        trainer.sanity_checking = True
+        try:
+            trainer.hooks.callbacks("on_sanity_check_start")
+            limit = trainer.num_val_batches if steps == -1 else min(steps, trainer.num_val_batches)
+            val_loop.run(trainer.val_dataloader, limit)
+            trainer.hooks.callbacks("on_sanity_check_end")
+        finally:
+            trainer.sanity_checking = False
+        val_loop.results.clear()
 
     def on_advance_start(self) -> None:
         trainer = self.trainer
@@ -58,10 +75,9 @@ class FitLoop(Loop):
         trainer = self.trainer
         self.epoch_progress.increment_processed()
         trainer.hooks.module("on_train_epoch_end")
-        trainer.check_finite_loss(self.epoch_loop.optimization.last_loss)
         trainer.read_metrics(self.epoch_loop.results, on_step=False)
         trainer.hooks.callbacks("on_train_epoch_end")
-        trainer.step_schedulers("epoch")
+        step_schedulers(trainer.lr_scheduler_configs, "epoch", trainer.current_epoch + 1, trainer.callback_metrics)
         trainer.agree_stop("on_train_epoch_end")
         self.epoch_progress.increment_completed()
         # Between epochs the run can be resumed exactly; a checkpoint written here must hold

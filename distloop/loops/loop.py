@@ -160,6 +160,19 @@ class Loop(ABC, Generic[T]):
     def teardown(self) -> None:
         """Release resources the loop holds."""
 
+    def clear_state(self) -> None:
+        """Back to a fresh run, for the whole tree: zero every progress tracker, forget every
+        logged value, not ``restarting``. The Trainer calls it when ``fit`` (or another
+        entry point) starts."""
+        self.restarting = False
+        for value in vars(self).values():
+            if isinstance(value, BaseProgress):
+                value.reset()
+            elif isinstance(value, ResultCollection):
+                value.clear()
+            elif isinstance(value, Loop):
+                value.clear_state()
+
     def on_save_checkpoint(self) -> dict:
         """Extra state of this loop to checkpoint (plain data and tensors)."""
         return {}

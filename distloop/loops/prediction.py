@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from distloop.loops.fetcher import Prefetcher, next_batch
+from distloop.loops.fetcher import BatchIterator, next_batch
 from distloop.loops.loop import Loop
 from distloop.progress import BatchProgress
 
@@ -17,7 +17,7 @@ class PredictionLoop(Loop):
         super().__init__()
         self.batch_progress = BatchProgress()
         self.predictions: list[Any] = []
-        self._batches: Prefetcher | None = None
+        self._batches: BatchIterator | None = None
 
     @property
     def done(self) -> bool:
@@ -29,7 +29,7 @@ class PredictionLoop(Loop):
 
     def on_run_start(self, dataloader: Any, max_batches: float = math.inf) -> None:
         self.trainer.module.eval()
-        self._batches = Prefetcher(dataloader, max_batches)
+        self._batches = BatchIterator(dataloader, max_batches)
         self.trainer.hooks("on_predict_start")
         self.trainer.hooks("on_predict_epoch_start")
 
@@ -39,7 +39,7 @@ class PredictionLoop(Loop):
         batch, batch_idx = next_batch(self._batches, progress, trainer.strategy)
         trainer.hooks("on_predict_batch_start", batch, batch_idx)
         progress.increment_started()
-        with torch.no_grad(), trainer.strategy.precision.autocast():
+        with torch.no_grad(), trainer.strategy.autocast():
             outputs = module.predict_step(batch, batch_idx)
         progress.increment_processed()
         self.predictions.append(outputs)

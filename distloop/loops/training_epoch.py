@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from distloop.data import set_epoch
 from distloop.loops.evaluation import EvaluationLoop
-from distloop.loops.fetcher import Prefetcher, next_batch
+from distloop.loops.fetcher import BatchIterator, next_batch
 from distloop.loops.loop import Loop
 from distloop.loops.optimization import AutomaticOptimization
 from distloop.module import batch_size_of
@@ -30,7 +31,7 @@ class TrainingEpochLoop(Loop):
         self.optimization = AutomaticOptimization(self.optim_progress)
         self.samples_seen = 0  # global: summed over ranks, the data position within the epoch
         self._accumulating = False
-        self._batches: Prefetcher | None = None
+        self._batches: BatchIterator | None = None
         self._world_size = 1  # per run: read at every batch
         self._validates = False
 
@@ -59,13 +60,13 @@ class TrainingEpochLoop(Loop):
         trainer = self.trainer
         self.results.device = trainer.strategy.root_device
         self.results.sync_fn = trainer.metrics_sync_fn
-        trainer.module._ctx.results = self.results
+        trainer.module.log_context.results = self.results
         self._world_size = trainer.world_size
-        self._validates = trainer.val_dataloader is not None and trainer.num_val_batches != 0
-        trainer.set_data_epoch(trainer.current_epoch, self.samples_seen)
+        self._validates = trainer.has_validation
+        set_epoch(dataloader, trainer.current_epoch, self.samples_seen)
         done = self.batch_progress.current.completed
         limit = math.inf if trainer.limit_train_batches == 1.0 else trainer.num_training_batches - done
-        self._batches = Prefetcher(dataloader, limit)
+        self._batches = BatchIterator(dataloader, limit)
 
     def advance(self, dataloader: Any) -> None:
         batch, batch_idx = self.fetch_batch()
@@ -79,7 +80,6 @@ class TrainingEpochLoop(Loop):
         trainer.hooks("on_train_batch_end", outputs, batch, batch_idx)
         progress.increment_completed()
         if progress.total.completed % trainer.log_every_n_steps == 0:
-            trainer.check_finite_loss(self.optimization.last_loss)
             trainer.read_metrics(self.results, on_step=True)
 
     def fetch_batch(self) -> tuple[Any, int]:
@@ -89,7 +89,7 @@ class TrainingEpochLoop(Loop):
         batch, batch_idx = next_batch(self._batches, self.batch_progress, trainer.strategy)
         size = batch_size_of(batch)
         self.samples_seen += size * self._world_size
-        ctx = trainer.module._ctx
+        ctx = trainer.module.log_context
         ctx.batch, ctx.batch_size = batch, size
         return batch, batch_idx
 
@@ -97,7 +97,7 @@ class TrainingEpochLoop(Loop):
         trainer = self._trainer
         if self._validates and self._should_validate():
             self.val_loop.run(trainer.val_dataloader, trainer.num_val_batches)
-            trainer.module._ctx.results = self.results
+            trainer.module.log_context.results = self.results
         if not self._accumulating:
             trainer.at_resumable_point()
 
@@ -109,8 +109,6 @@ class TrainingEpochLoop(Loop):
 
     def _should_validate(self) -> bool:
         trainer = self.trainer
-        if trainer.val_dataloader is None or trainer.num_val_batches == 0:
-            return False
         if (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch != 0:
             return False
         interval = trainer.val_check_batches

@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from distloop.errors import MisconfigurationError
 
-_NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
+NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing; callers may skip it by identity
 _ALIASES = {
     "32": "32", "32-true": "32", 32: "32",
     "bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed",
@@ -41,7 +41,7 @@ class Precision:
 
     def autocast(self) -> ContextManager:
         if self.precision == "32":
-            return _NO_CONTEXT
+            return NO_CONTEXT
         dtype = torch.bfloat16 if self.precision == "bf16-mixed" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 

@@ -1,20 +1,25 @@
-"""Strategy: owns processes and devices, and every device- or wrapping-specific step.
+"""Strategy: owns processes and devices, and every device-, wrapping- and state-dict-specific step.
 
-Loops never touch devices, wrappers or collectives directly; they ask the Strategy.
-Adding a strategy (DDP, FSDP2) therefore changes no loop.
+Loops never touch devices, wrappers or collectives directly; they ask the Strategy. It
+places and wraps the module, builds the optimizers over the wrapped parameters, gives
+and loads the module and optimizer state dicts (on every rank: a collective where the
+strategy needs one), and writes and reads checkpoints. Adding a strategy (FSDP2) therefore
+changes no loop and no Trainer code.
 """
 
 from __future__ import annotations
 
-import contextlib
+import sys
 from abc import ABC, abstractmethod
-from typing import Any, ContextManager, TypeVar
+from typing import Any, Callable, ContextManager, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from distloop.strategies.precision import Precision
+from distloop.checkpoint import BackgroundWriter, load, newest_valid, snapshot, write_atomic
+from distloop.optim import LRSchedulerConfig, parse_optimizers
+from distloop.strategies.precision import NO_CONTEXT, Precision
 
 T = TypeVar("T")
 
@@ -26,6 +31,9 @@ class Strategy(ABC):
         self._root_device = torch.device(device)
         self.precision = Precision(precision, self._root_device)
         self.module: nn.Module | None = None
+        self.optimizers: list[Optimizer] = []
+        self.lr_scheduler_configs: list[LRSchedulerConfig] = []
+        self.checkpoint_writer = BackgroundWriter()
 
     @property
     def root_device(self) -> torch.device:
@@ -58,6 +66,15 @@ class Strategy(ABC):
         self.module = module.to(self.root_device)
         return self.module
 
+    def setup_optimizers(self, module: Any) -> None:
+        """After ``setup_module``: the optimizers and schedulers of ``configure_optimizers``.
+
+        Built here, after wrapping, because a strategy that shards parameters must hand the
+        optimizer the sharded ones.
+        """
+        setup = parse_optimizers(module.configure_optimizers())
+        self.optimizers, self.lr_scheduler_configs = setup.optimizers, setup.lr_scheduler_configs
+
     def teardown(self) -> None:
         """Release what ``setup_environment`` took; also called when training raised."""
 
@@ -75,7 +92,11 @@ class Strategy(ABC):
 
     def no_backward_sync(self, accumulating: bool) -> ContextManager:
         """While accumulating, skip the gradient all-reduce (DDP's ``no_sync``)."""
-        return _NO_CONTEXT
+        return NO_CONTEXT
+
+    def autocast(self) -> ContextManager:
+        """The precision's autocast context for forward passes (``NO_CONTEXT`` in full precision)."""
+        return self.precision.autocast()
 
     def backward(self, loss: Tensor) -> None:
         self.precision.backward(loss)
@@ -120,8 +141,9 @@ class Strategy(ABC):
     def check_all_ranks_here(self, what: str) -> None:
         """Raise a clear error, instead of hanging, when some rank does not reach this collective."""
 
-    # --------------------------------------------------------------- checkpoint state
+    # --------------------------------------------------------------- checkpoint state and I/O
     def module_state_dict(self) -> dict[str, Tensor]:
+        """The module's state for a checkpoint; every rank calls it."""
         assert self.module is not None
         return self.module.state_dict()
 
@@ -129,11 +151,53 @@ class Strategy(ABC):
         assert self.module is not None
         self.module.load_state_dict(state, strict=strict)
 
-    def optimizer_state_dict(self, optimizer: Optimizer) -> dict:
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """``optimizer``'s state for a checkpoint; every rank calls it."""
         return optimizer.state_dict()
 
+    def load_optimizer_state(self, optimizer: Optimizer, state: dict[str, Any]) -> None:
+        optimizer.load_state_dict(state)
 
-_NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str, blocking: bool = True,
+                        then: Callable[[str], None] | None = None) -> None:
+        """Write ``checkpoint`` to ``path``: one file, written atomically by global rank zero.
+
+        Every rank calls it. With ``blocking=False`` the caller waits only for a copy of the
+        state, the file is written in the background, and ``then(path)`` runs once it is
+        complete; a failed write is raised by ``raise_if_checkpoint_failed`` (or the next save).
+        """
+        if self.is_global_zero:
+            writer = self.checkpoint_writer
+            if blocking:
+                writer.wait()
+                write_atomic(checkpoint, path)
+                if then is not None:
+                    then(path)
+            else:
+                writer.submit(snapshot(checkpoint), path, then)
+        if blocking:
+            self.barrier()
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        """The checkpoint at ``path`` on this rank (``CheckpointError`` if it is not a valid one)."""
+        return load(path)
+
+    def newest_checkpoint(self, directories: list[str]) -> str | None:
+        """The newest valid checkpoint in ``directories`` as rank zero sees it, on every rank."""
+        found = None
+        if self.is_global_zero:
+            found, _, skipped = newest_valid(directories)
+            for note in skipped:
+                print(f"distloop: skipping a bad checkpoint: {note}", file=sys.stderr)
+        return self.broadcast(found)
+
+    def raise_if_checkpoint_failed(self) -> None:
+        """Raise, on the training thread, the error of a background write that failed."""
+        self.checkpoint_writer.raise_if_failed()
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until every background write is on disk (at the end of a run)."""
+        self.checkpoint_writer.wait()
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
