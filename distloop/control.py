@@ -30,6 +30,7 @@ class Request(enum.IntFlag):
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's warning before the end of a job
 _ONE_SHOT = int(Request.PREEMPT | Request.SAVE)  # plain ints inside: IntFlag arithmetic is slow per step
+_STOP = int(Request.STOP)
 
 
 class Control:
@@ -40,10 +41,14 @@ class Control:
         self._decisions = 0
         self._single = True
         self._previous_handlers: dict[int, Any] = {}
+        # Read at every step, so plain attributes, kept in step with the decisions by _decide_bits.
+        self.stop_decided = False  # decided(Request.STOP)
+        self.anything_decided = False  # a save or preemption decision for the next resumable point
 
     def start(self, world_size: int, catch_signals: bool) -> None:
         """Forget the last run's requests; with ``catch_signals``, turn SIGTERM / SIGUSR1 into PREEMPT."""
-        self._requests = self._decisions = 0
+        self._requests = 0
+        self._set_decisions(0)
         self._single = world_size == 1
         if catch_signals and threading.current_thread() is threading.main_thread():
             self._previous_handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
@@ -62,13 +67,13 @@ class Control:
         """Ask, from this rank, for ``what``; it is acted on once the ranks agree."""
         self._requests |= int(what)
         if self._single:
-            self._decisions |= int(what)
+            self._set_decisions(self._decisions | int(what))
 
     def withdraw(self, what: Request) -> None:
         """Take back a request not yet agreed on (``trainer.should_stop = False``)."""
         self._requests &= ~int(what)
         if self._single:
-            self._decisions &= ~int(what)
+            self._set_decisions(self._decisions & ~int(what))
 
     def requested(self, what: Request) -> bool:
         return bool(self._requests & int(what))
@@ -81,31 +86,27 @@ class Control:
     # ------------------------------------------------------------ decisions
     def agree(self, agreed: int) -> None:
         """Record what a metrics read agreed on (the OR of every rank's ``pending``)."""
-        self._decisions |= agreed
+        self._set_decisions(self._decisions | agreed)
         self._requests &= ~(agreed & _ONE_SHOT)  # answered: not sent again
 
     def decide(self, what: Request) -> None:
         """Decide at once: only for a decision every rank makes alike (e.g. after a vote)."""
         self._requests |= int(what)
-        self._decisions |= int(what)
+        self._set_decisions(self._decisions | int(what))
 
     def decided(self, what: Request) -> bool:
         return bool(self._decisions & int(what))
 
-    @property
-    def stop_decided(self) -> bool:
-        """``decided(Request.STOP)``, for the per-step ``done`` checks."""
-        return bool(self._decisions & 4)
-
-    @property
-    def anything_decided(self) -> bool:
-        """Whether a resumable point has a decision to act on: one test on the usual step."""
-        return bool(self._decisions & _ONE_SHOT)
 
     def done_with(self, what: Request) -> None:
         """A one-shot decision (save, preempt) has been acted on."""
-        self._decisions &= ~int(what)
+        self._set_decisions(self._decisions & ~int(what))
         self._requests &= ~int(what)
+
+    def _set_decisions(self, decisions: int) -> None:
+        self._decisions = decisions
+        self.stop_decided = bool(decisions & _STOP)
+        self.anything_decided = bool(decisions & _ONE_SHOT)
 
     def vote_stop(self, strategy: Any) -> None:
         """A collective: every rank asks whether any rank requested STOP, and decides alike."""

@@ -51,6 +51,10 @@ class Hooks:
         finally:
             ctx.fx = previous
 
+    def overridden_by_callbacks(self, name: str) -> bool:
+        """Whether some callback overrides ``name`` (a caller may then skip a hot-path dispatch)."""
+        return any(_overridden(cb, Callback, name) is not None for cb in self._callbacks)
+
     def may_set_should_stop(self, name: str) -> bool:
         """Whether a callback's ``name`` hook may have set ``should_stop`` (the same answer on every rank)."""
         return any(cb.may_set_should_stop and _overridden(cb, Callback, name) is not None for cb in self._callbacks)

@@ -127,6 +127,7 @@ class Trainer:
         self.metrics_version = 0
         self.config: dict[str, Any] | None = None  # the run's resolved config, stored in checkpoints
         self.ckpt_path: str | None = None  # the checkpoint the last run resumed from
+        self._watch_resumable_points = False
         self.control = Control()
         self.run_state = trainer_state(self)  # what a checkpoint holds: register more parts here
 
@@ -276,6 +277,8 @@ class Trainer:
         self.datamodule = datamodule
         module.trainer = self
         self.hooks = Hooks(self, module, self.callbacks)
+        # Per run, read at every step: whether resumable points have callbacks or writes to check.
+        self._watch_resumable_points = self.hooks.overridden_by_callbacks("on_resumable_point")
         self.control.start(self.world_size, catch_signals=stage == "fit")
         self.callback_metrics, self.logged_metrics, self.progress_bar_metrics = {}, {}, {}
         for loop in (self.fit_loop, self.validate_loop, self.test_loop, self.predict_loop):
@@ -393,6 +396,8 @@ class Trainer:
         checkpoint = self.run_state.state_dict(self.global_step, self.current_epoch, self.world_size)
         self.hooks.module("on_save_checkpoint", checkpoint)
         self.strategy.save_checkpoint(checkpoint, path, blocking=blocking, then=then)
+        if not blocking:
+            self._watch_resumable_points = True  # a failed background write is raised at the next one
 
     def _restore(self, ckpt_path: str) -> None:
         """Load a checkpoint into every part of ``run_state``; ``"last"``: the newest valid one."""
@@ -415,12 +420,13 @@ class Trainer:
 
     def at_resumable_point(self) -> None:
         """After a whole optimizer step or epoch: callbacks may save here, and a preemption is honoured."""
-        self.strategy.raise_if_checkpoint_failed()
-        assert self.hooks is not None
-        self.hooks.callbacks("on_resumable_point")
+        if self._watch_resumable_points:
+            self.strategy.raise_if_checkpoint_failed()
+            assert self.hooks is not None
+            self.hooks.callbacks("on_resumable_point")
         control = self.control
         if not control.anything_decided:
-            return  # the usual step: one test
+            return  # the usual step: two tests
         control.done_with(Request.SAVE)
         if control.decided(Request.PREEMPT):
             control.done_with(Request.PREEMPT)

@@ -47,7 +47,10 @@ class AutomaticOptimization:
         loss = _loss_of(outputs)
         nan_loss = trainer.nan_loss
         if nan_loss == "raise":  # before backward: no update is ever made from a non-finite loss
-            _check_finite(loss, trainer)
+            if not loss.is_cpu:  # checked by the device, in order, before the step's kernels: no host sync
+                torch._assert_async(torch.isfinite(loss.detach()), _NON_FINITE_ON_DEVICE)
+            elif not math.isfinite(loss.item()):  # on the host: about 1 us
+                raise FloatingPointError(_non_finite(loss.item(), trainer))
         elif nan_loss == "skip" and not bool(torch.isfinite(loss)):  # one host sync per step
             return outputs
         if trainer.accumulate_grad_batches > 1:
@@ -59,7 +62,8 @@ class AutomaticOptimization:
 
     def step(self, trainer: Any) -> None:
         """Clip, step the optimizer, zero the gradients, step the per-step LR schedulers."""
-        strategy, hooks, optimizer = trainer.strategy, trainer.hooks, trainer.optimizer
+        strategy, hooks = trainer.strategy, trainer.hooks
+        optimizer = strategy.optimizers[0]
         hooks("on_before_optimizer_step", optimizer)
         if trainer.gradient_clip_val:
             strategy.clip_gradients(optimizer, trainer.gradient_clip_val, trainer.gradient_clip_algorithm)
@@ -72,25 +76,19 @@ class AutomaticOptimization:
         progress.zero_grad.increment_started()
         optimizer.zero_grad(set_to_none=True)
         progress.zero_grad.increment_completed()
-        configs = trainer.lr_scheduler_configs
+        configs = strategy.lr_scheduler_configs
         if configs:
             step_schedulers(configs, "step", trainer.global_step, trainer.callback_metrics)
 
 
-def _check_finite(loss: Tensor, trainer: Any) -> None:
-    """Raise on a non-finite loss. On CPU a host read (about 1 µs); elsewhere an assertion the
-    device checks in order, before the optimizer step's kernels, with no host sync."""
-    if loss.device.type != "cpu":
-        torch._assert_async(torch.isfinite(loss.detach()), _NON_FINITE.format(
-            loss="non-finite", step=trainer.global_step, epoch=trainer.current_epoch))
-    elif not math.isfinite(loss.item()):
-        raise FloatingPointError(_NON_FINITE.format(loss=loss.item(), step=trainer.global_step,
-                                                    epoch=trainer.current_epoch))
+_NON_FINITE_ON_DEVICE = ("distloop: the training loss is not finite (nan_loss='raise'); no update was made from it. "
+                         "Lower the learning rate, set gradient_clip_val, or pass nan_loss='skip'.")
 
 
-_NON_FINITE = ("The training loss is {loss} at global step {step} (epoch {epoch}); no update was made from it. "
-               "Lower the learning rate, set gradient_clip_val, or pass nan_loss='skip' to leave such batches "
-               "out of the update.")
+def _non_finite(loss: Any, trainer: Any) -> str:
+    return (f"The training loss is {loss} at global step {trainer.global_step} (epoch {trainer.current_epoch}); "
+            "no update was made from it. Lower the learning rate, set gradient_clip_val, or pass nan_loss='skip' "
+            "to leave such batches out of the update.")
 
 
 def _loss_of(outputs: Any) -> Tensor:
