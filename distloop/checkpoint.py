@@ -130,6 +130,19 @@ def load(path: str) -> dict[str, Any]:
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has format version {state['version']}; this distloop reads up to "
                               f"{VERSION}. Upgrade distloop.")
+    return _upgrade(state)
+
+
+def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint of an older format version, in today's layout (before any hook sees it)."""
+    if state.get("version", 0) < 2:  # version 1 named the module and optimizer parts in distloop's own words
+        state = dict(state)
+        if "module" in state:
+            state["state_dict"] = state.pop("module")
+        if "optimizer" in state:
+            optimizer = state.pop("optimizer")
+            state["optimizer_states"] = [] if optimizer is None else [optimizer]
+        state["version"] = VERSION
     return state
 
 
@@ -155,8 +168,9 @@ def newest_valid(directories: list[str]) -> tuple[str | None, dict[str, Any] | N
 class BackgroundWriter:
     """Writes snapshots on one background thread, so training waits only for the snapshot.
 
-    An error in a write is raised once on the training thread: by ``raise_if_failed``
-    (cheap, for every step boundary), or else by the next ``submit`` or ``wait``.
+    The error of a failed write is kept until the training thread takes it (``take_error``,
+    cheap, for every step boundary) or ``wait`` / ``raise_if_failed`` raise it; ``submit``
+    waits for the previous write without raising, so the error is reported in one place.
     """
 
     def __init__(self) -> None:
@@ -165,15 +179,19 @@ class BackgroundWriter:
         self._error: BaseException | None = None
 
     def submit(self, state: dict[str, Any], path: str, then: Callable[[str], None] | None = None) -> None:
-        self.wait()
+        self.join()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._work, name="distloop-checkpoint-writer", daemon=True)
             self._thread.start()
         self._jobs.put((state, path, then))
 
+    def join(self) -> None:
+        """Block until every submitted write is done, failed ones included."""
+        self._jobs.join()
+
     def wait(self) -> None:
         """Block until every submitted write is on disk; re-raise a failed write's error."""
-        self._jobs.join()
+        self.join()
         self.raise_if_failed()
 
     def raise_if_failed(self) -> None:
@@ -181,12 +199,18 @@ class BackgroundWriter:
 
         A write still in progress is not waited for: if it fails, a later call raises.
         """
+        error = self.take_error()
+        if error is not None:
+            raise error
+
+    def take_error(self) -> BaseException | None:
+        """The error of a failed background write, once (then ``None`` again); never waits."""
         error = self._error
         if error is not None:
             # Only the calling (training) thread clears the error, and the worker sets it only
             # while a job is in flight, which is never while an unraised error is pending.
             self._error = None
-            raise error
+        return error
 
     def _work(self) -> None:
         while True:

@@ -51,58 +51,58 @@ HEADER = ("format", "version", "global_step", "epoch", "world_size")
 
 
 class RunState:
-    """Named ``Stateful`` parts: what a checkpoint holds and how it is restored."""
+    """Named ``Stateful`` parts: what a checkpoint holds and how it is restored.
+
+    Parts load in registration order, except those registered with ``register_last``
+    (the RNG streams), which load after every other: loading a part may draw random numbers.
+    """
 
     def __init__(self) -> None:
         self._parts: dict[str, Stateful] = {}
+        self._last: dict[str, Stateful] = {}
 
     def register(self, name: str, part: Stateful) -> None:
         """Add ``part`` under ``name`` (saved with every checkpoint, loaded on resume)."""
+        self._check(name, part)
+        self._parts[name] = part
+
+    def register_last(self, name: str, part: Stateful) -> None:
+        """Add ``part``, to be loaded after every part ``register`` adds, even later ones."""
+        self._check(name, part)
+        self._last[name] = part
+
+    def _check(self, name: str, part: Any) -> None:
         if name in HEADER:
             raise ValueError(f"{name!r} is a checkpoint header field, not a part name.")
-        if name in self._parts:
+        if name in self._parts or name in self._last:
             raise ValueError(f"A checkpoint part named {name!r} is registered already.")
         if not isinstance(part, Stateful):
             raise TypeError(f"Checkpoint part {name!r} needs state_dict() and load_state_dict(); "
                             f"{type(part).__name__} lacks them.")
-        self._parts[name] = part
-
-    def names(self) -> list[str]:
-        return list(self._parts)
 
     def state_dict(self, global_step: int, epoch: int, world_size: int) -> dict[str, Any]:
         """The checkpoint: header, then every part. Call it on every rank (parts may be collectives)."""
         state: dict[str, Any] = {"format": FORMAT, "version": VERSION, "global_step": global_step,
                                  "epoch": epoch, "world_size": world_size}
-        for name, part in self._parts.items():
+        for name, part in {**self._parts, **self._last}.items():
             state[name] = part.state_dict()
         return state
 
     def load_state_dict(self, checkpoint: dict[str, Any], path: str) -> None:
         """Restore every part from ``checkpoint`` (read from ``path``, named in errors)."""
-        checkpoint = upgrade(checkpoint)
-        for name, part in self._parts.items():
+        for name, part in {**self._parts, **self._last}.items():
             if name not in checkpoint:
                 warnings.warn(f"{path} has no {name!r} part; it keeps its current state.", stacklevel=2)
                 continue
             part.load_state_dict(checkpoint[name])
 
 
-def upgrade(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint of an older format version, in today's layout."""
-    if checkpoint.get("version", 0) < 2:  # version 1 named the module and optimizer parts after distloop's own words
-        checkpoint = dict(checkpoint)
-        checkpoint["state_dict"] = checkpoint.pop("module")
-        optimizer = checkpoint.pop("optimizer", None)
-        checkpoint["optimizer_states"] = [] if optimizer is None else [optimizer]
-    return checkpoint
-
-
 def trainer_state(trainer: Any) -> RunState:
     """The parts of a Trainer's run, in load order: the whole checkpoint schema, here.
 
-    Each part reads the Trainer when a checkpoint is made, so a loop or optimizer set up
-    after this (``fit_loop`` replaced, ``configure_optimizers`` called) is what is saved.
+    The Strategy and its precision plugin are fixed when the Trainer is built; everything
+    else is read when a checkpoint is made, so a loop, optimizer or callback set up later
+    (``fit_loop`` replaced, ``configure_optimizers`` called) is what is saved.
     """
     strategy = trainer.strategy
     state = RunState()
@@ -117,10 +117,10 @@ def trainer_state(trainer: Any) -> RunState:
         lambda: {cb.state_key: cb.state_dict() for cb in trainer.callbacks}, lambda s: _load_callbacks(trainer, s)))
     state.register("loops", StateFn(  # syncs logged values across ranks: a collective
         lambda: {"fit_loop": trainer.fit_loop.state_dict()}, lambda s: trainer.fit_loop.load_state_dict(s["fit_loop"])))
-    state.register("rng", StateFn(  # every rank's own streams, restored on the rank of the same number
+    state.register("config", StateFn(lambda: trainer.config, lambda s: None))  # a record of the run, not restored
+    state.register_last("rng", StateFn(  # every rank's own streams, restored on the rank of the same number
         lambda: strategy.gather_object(capture_rng()),
         lambda s: restore_rng(s[trainer.global_rank]) if trainer.global_rank < len(s) else None))
-    state.register("config", StateFn(lambda: trainer.config, lambda s: None))  # a record of the run, not restored
     return state
 
 
@@ -132,6 +132,10 @@ def _load_module(trainer: Any, saved: dict[str, Tensor]) -> None:
 def _load_optimizers(trainer: Any, saved: list[dict[str, Any]]) -> None:
     optimizers = trainer.strategy.optimizers
     if not optimizers:  # validate / test / predict restore the module only
+        return
+    if not saved:
+        warnings.warn(f"{trainer.ckpt_path} holds no optimizer state (it was saved outside fit); the "
+                      "optimizers start fresh.", stacklevel=2)
         return
     if len(saved) != len(optimizers):
         raise CheckpointError(f"{trainer.ckpt_path} holds {len(saved)} optimizer states; configure_optimizers() "

@@ -22,6 +22,7 @@ from distloop.callbacks import Callback, ModelCheckpoint, ProgressBar
 from distloop.control import Control, Request
 from distloop.data import num_batches, prepare_loader
 from distloop.datamodule import DataModule
+from distloop.checkpoint import CheckpointError
 from distloop.errors import PREEMPTED_EXIT_CODE, MisconfigurationError, Preempted
 from distloop.hooks import Hooks
 from distloop.loggers import Logger, resolve_loggers
@@ -128,6 +129,7 @@ class Trainer:
         self.config: dict[str, Any] | None = None  # the run's resolved config, stored in checkpoints
         self.ckpt_path: str | None = None  # the checkpoint the last run resumed from
         self._watch_resumable_points = False
+        self._failure: BaseException | None = None  # this rank's failed checkpoint write, until every rank stops
         self.control = Control()
         self.run_state = trainer_state(self)  # what a checkpoint holds: register more parts here
 
@@ -205,8 +207,10 @@ class Trainer:
     # ------------------------------------------------------------ stopping (see control.py)
     @property
     def should_stop(self) -> bool:
-        """Set it on any rank to stop ``fit``: a request the ranks agree on at the next metrics read."""
-        return self.control.requested(Request.STOP)
+        """Set it on any rank to stop ``fit``: a request the ranks agree on at the next metrics read.
+
+        True on every rank once they have agreed, as in Lightning."""
+        return self.control.requested(Request.STOP) or self.control.stop_decided
 
     @should_stop.setter
     def should_stop(self, value: bool) -> None:
@@ -279,6 +283,7 @@ class Trainer:
         self.hooks = Hooks(self, module, self.callbacks)
         # Per run, read at every step: whether resumable points have callbacks or writes to check.
         self._watch_resumable_points = self.hooks.overridden_by_callbacks("on_resumable_point")
+        self._failure = None
         self.control.start(self.world_size, catch_signals=stage == "fit")
         self.callback_metrics, self.logged_metrics, self.progress_bar_metrics = {}, {}, {}
         for loop in (self.fit_loop, self.validate_loop, self.test_loop, self.predict_loop):
@@ -298,6 +303,7 @@ class Trainer:
             self.hooks.callbacks("setup", stage)
             self.strategy.setup_module(module)
             out = body()
+            self._agree_on_checkpoint_failures()
             status = "success"
             return out
         except BaseException as exc:
@@ -307,17 +313,27 @@ class Trainer:
         finally:
             self.control.finish()
             module.log_context.results = None
-            try:
-                self.strategy.wait_for_checkpoints()  # may raise a failed write: teardown happens all the same
-            finally:
-                self.hooks.callbacks("teardown", stage)
-                self.hooks.module("teardown", stage)
-                if datamodule is not None:
-                    datamodule.teardown(stage)
-                if self.is_global_zero:
-                    for lg in self.loggers:
-                        lg.finalize(status)
-                self.strategy.teardown()
+            self.strategy.wait_for_checkpoints()
+            late = self.strategy.checkpoint_error()
+            if late is not None:  # only when another error already ends the run: say it, do not hide that one
+                print(f"distloop: also, a checkpoint write failed: {late}", file=sys.stderr)
+            self.hooks.callbacks("teardown", stage)
+            self.hooks.module("teardown", stage)
+            if datamodule is not None:
+                datamodule.teardown(stage)
+            if self.is_global_zero:
+                for lg in self.loggers:
+                    lg.finalize(status)
+            self.strategy.teardown()
+
+    def _agree_on_checkpoint_failures(self) -> None:
+        """At the end of a run: every rank learns whether a background checkpoint write failed
+        anywhere (one collective), and all raise, so none goes on alone."""
+        self.strategy.wait_for_checkpoints()
+        error = self.strategy.checkpoint_error() or self._failure
+        if self.strategy.reduce_boolean_decision(error is not None, all=False):
+            raise error if error is not None else CheckpointError(
+                "Another rank could not write a checkpoint and stopped the run; its error says why.")
 
     def _fit(self, train_dataloaders: Iterable | None, val_dataloaders: Iterable | None, ckpt_path: str | None) -> None:
         assert self.module is not None
@@ -420,13 +436,19 @@ class Trainer:
 
     def at_resumable_point(self) -> None:
         """After a whole optimizer step or epoch: callbacks may save here, and a preemption is honoured."""
+        control = self.control
         if self._watch_resumable_points:
-            self.strategy.raise_if_checkpoint_failed()
             assert self.hooks is not None
             self.hooks.callbacks("on_resumable_point")
-        control = self.control
+            error = self.strategy.checkpoint_error()
+            if error is not None:  # the ranks agree on it at the next metrics read, then all stop with it
+                self._failure = error
+                control.request(Request.FAIL)
         if not control.anything_decided:
             return  # the usual step: two tests
+        if control.decided(Request.FAIL):
+            raise self._failure if self._failure is not None else CheckpointError(
+                "Another rank could not write a checkpoint and stopped the run; its error says why.")
         control.done_with(Request.SAVE)
         if control.decided(Request.PREEMPT):
             control.done_with(Request.PREEMPT)

@@ -235,3 +235,91 @@ def test_should_stop_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     spawn(_stop_on_one_rank, 2, str(tmp_path / "r"), init=False)
     results = [torch.load(tmp_path / f"r-{rank}.pt", weights_only=True) for rank in range(2)]
     assert results[0] == results[1] == {"step": 4, "stopping": True}  # set at batch 2, agreed at the read after batch 4
+
+
+def _write_fails_on_rank_zero(rank, world_size, root, out):
+    import errno
+
+    import distloop.checkpoint as checkpoint_files
+    from distloop import CheckpointError, ModelCheckpoint
+
+    writes = []
+    real = checkpoint_files.write_atomic
+
+    def full_disk_at_the_second_write(state, path):
+        writes.append(path)
+        if len(writes) == 2:
+            raise checkpoint_files.CheckpointError(
+                f"Could not write checkpoint {path}: {os.strerror(errno.ENOSPC)} (while writing). "
+                "Earlier checkpoints are intact.")
+        real(state, path)
+
+    checkpoint_files.write_atomic = full_disk_at_the_second_write  # only rank 0 writes
+    steps = []
+
+    class Steps(Regressor):
+        def training_step(self, batch, batch_idx):
+            steps.append(self.trainer.global_step)
+            return super().training_step(batch, batch_idx)
+
+    callback = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1)
+    try:
+        fit(Steps(), DataLoader(regression_data(), batch_size=4), strategy="ddp", log_every_n_steps=3,
+            callbacks=[callback])
+    except CheckpointError as err:
+        torch.save({"error": str(err), "last_step": steps[-1]}, f"{out}-{rank}.pt")
+        return
+    raise AssertionError(f"rank {rank}: fit did not raise")
+
+
+@pytest.mark.timeout(180)
+def test_a_failed_checkpoint_write_stops_every_rank_with_an_error(tmp_path):
+    spawn(_write_fails_on_rank_zero, 2, str(tmp_path / "ckpt"), str(tmp_path / "r"), init=False)
+    results = [torch.load(tmp_path / f"r-{rank}.pt", weights_only=True) for rank in range(2)]
+    assert "No space left on device" in results[0]["error"] and "step=2" in results[0]["error"]
+    assert "Another rank could not write a checkpoint" in results[1]["error"]
+    assert results[0]["last_step"] == results[1]["last_step"] < 8  # agreed at a read, long before the end (18 steps)
+
+
+class NanOnRankOne(Regressor):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.trainer.global_rank == 1 and batch_idx == 2 else loss
+
+
+def _nan_on_one_rank(rank, world_size, out):
+    try:
+        fit(NanOnRankOne(), DataLoader(regression_data(), batch_size=4), strategy="ddp")
+    except Exception as err:  # noqa: BLE001 - the test checks which
+        torch.save({"type": type(err).__name__, "message": str(err)[:300]}, f"{out}-{rank}.pt")
+        return
+    raise AssertionError(f"rank {rank}: fit did not raise")
+
+
+@pytest.mark.timeout(180)
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_fast(tmp_path):
+    started = time.monotonic()
+    spawn(_nan_on_one_rank, 2, str(tmp_path / "r"), init=False, timeout=60)
+    results = [torch.load(tmp_path / f"r-{rank}.pt", weights_only=True) for rank in range(2)]
+    assert results[1]["type"] == "FloatingPointError" and "global step 2" in results[1]["message"]
+    assert results[0]["type"] != "AssertionError"  # rank 0 failed too (its peer left), instead of hanging
+    assert time.monotonic() - started < 60
+
+
+def _timed_saves(rank, world_size, root):
+    from datetime import timedelta
+
+    from distloop import ModelCheckpoint
+
+    callback = ModelCheckpoint(dirpath=root, train_time_interval=timedelta(microseconds=1), save_top_k=-1)
+    trainer = fit(Regressor(), DataLoader(regression_data(), batch_size=4), strategy="ddp", log_every_n_steps=3,
+                  callbacks=[callback])
+    assert trainer.global_step == 18
+
+
+@pytest.mark.timeout(180)
+def test_timed_saves_are_agreed_across_ranks(tmp_path):
+    spawn(_timed_saves, 2, str(tmp_path / "ckpt"), init=False)
+    steps = sorted(int(name.split("step=")[1].split(".")[0]) for name in os.listdir(tmp_path / "ckpt"))
+    # Requested every batch, agreed at each read (every 3 batches, and at each epoch's end): saved after it.
+    assert steps == [3, 6, 9, 12, 15, 18]

@@ -182,3 +182,18 @@ def test_state_fn_is_a_part():
         warnings.simplefilter("error")
         state.load_state_dict(saved, "memory")
     assert box == {"v": 1}
+
+
+def test_a_timed_checkpoint_saves_when_its_clock_says_so(tmp_path):
+    from datetime import timedelta
+
+    from distloop import ModelCheckpoint
+
+    always = ModelCheckpoint(dirpath=str(tmp_path / "timed"), train_time_interval=timedelta(microseconds=1),
+                             save_top_k=-1)
+    never = ModelCheckpoint(dirpath=str(tmp_path / "hourly"), train_time_interval=timedelta(hours=1), save_top_k=-1)
+    trainer = make(tmp_path, always, never, max_epochs=1)
+    trainer.fit(Net(), *loaders())
+    saved = sorted(os.listdir(tmp_path / "timed"))
+    assert len(saved) == trainer.global_step == 12  # due at every resumable point, saved once per step
+    assert not os.path.exists(tmp_path / "hourly") or not os.listdir(tmp_path / "hourly")

@@ -106,8 +106,7 @@ class ModelCheckpoint(Callback):
         n = self.every_n_train_steps
         if n and trainer.global_step % n == 0 and trainer.global_step != self._last_step_saved:
             self._due = True
-        interval = self.train_time_interval
-        if interval is not None and time.monotonic() - self._last_time >= interval:
+        if self._clock_due():
             trainer.control.request(Request.SAVE)  # this rank's clock: the ranks agree before anyone saves
 
     def on_validation_end(self, trainer: Any, module: Any) -> None:
@@ -122,9 +121,16 @@ class ModelCheckpoint(Callback):
         return bool(self.every_n_epochs) and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     # ---------------------------------------------------------------- saving, at a resumable point
+    def _clock_due(self) -> bool:
+        interval = self.train_time_interval
+        return interval is not None and time.monotonic() - self._last_time >= interval
+
     def on_resumable_point(self, trainer: Any, module: Any) -> None:
         if self.train_time_interval is not None and trainer.control.decided(Request.SAVE):
-            self._due = True
+            # Some rank's clock of some timed checkpoint asked; this one saves if rank zero's
+            # own clock says so (a collective, only when a timed save was agreed).
+            if trainer.strategy.reduce_boolean_decision(trainer.is_global_zero and self._clock_due(), all=False):
+                self._due = True
         if not self._due or trainer.global_step == self._last_step_saved:
             self._due = False
             return

@@ -35,11 +35,13 @@ and where the ranks agree on the control plane's requests)::
             resumable point
         hook on_train_end
     hook on_fit_end
-    finally: wait for checkpoint writes; teardown("fit") (callbacks, module); loggers finalize
+    wait for background checkpoint writes; every rank raises if one failed anywhere (one vote)
+    finally: teardown("fit") (callbacks, module); loggers finalize; strategy.teardown()
 
-A resumable point (``Trainer.at_resumable_point``): raise a failed background checkpoint
-write; callbacks ``on_resumable_point`` (``ModelCheckpoint`` saves here); an agreed
-preemption saves ``preempted-step=N.ckpt`` and exits with ``Preempted`` (code 75).
+A resumable point (``Trainer.at_resumable_point``): callbacks ``on_resumable_point``
+(``ModelCheckpoint`` saves here); a background write that failed becomes a FAIL request;
+then what the ranks agreed on: a failure raises its error on every rank, a preemption
+saves ``preempted-step=N.ckpt`` and exits with ``Preempted`` (code 75).
 """
 
 from distloop.loops.evaluation import EvaluationLoop

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from distloop.checkpoint import BackgroundWriter, load, newest_valid, snapshot, write_atomic
+from distloop.checkpoint import BackgroundWriter, CheckpointError, load, newest_valid, snapshot, write_atomic
 from distloop.optim import LRSchedulerConfig, parse_optimizers
 from distloop.strategies.precision import NO_CONTEXT, Precision
 
@@ -164,19 +164,24 @@ class Strategy(ABC):
 
         Every rank calls it. With ``blocking=False`` the caller waits only for a copy of the
         state, the file is written in the background, and ``then(path)`` runs once it is
-        complete; a failed write is raised by ``raise_if_checkpoint_failed`` (or the next save).
+        complete; a failed write is reported by ``checkpoint_error`` (or raised by the next save).
         """
+        if not blocking:
+            if self.is_global_zero:
+                self.checkpoint_writer.submit(snapshot(checkpoint), path, then)
+            return
+        error: Exception | None = None
         if self.is_global_zero:
-            writer = self.checkpoint_writer
-            if blocking:
-                writer.wait()
+            try:
+                self.checkpoint_writer.wait()
                 write_atomic(checkpoint, path)
                 if then is not None:
                     then(path)
-            else:
-                writer.submit(snapshot(checkpoint), path, then)
-        if blocking:
-            self.barrier()
+            except Exception as err:  # noqa: BLE001 - every rank raises below, none waits for rank 0
+                error = err
+        if not self.reduce_boolean_decision(error is None):  # also the barrier: the file is there for all
+            raise error if error is not None else CheckpointError(
+                f"Global rank zero could not write checkpoint {path}; its error says why.")
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
         """The checkpoint at ``path`` on this rank (``CheckpointError`` if it is not a valid one)."""
@@ -191,13 +196,14 @@ class Strategy(ABC):
                 print(f"distloop: skipping a bad checkpoint: {note}", file=sys.stderr)
         return self.broadcast(found)
 
-    def raise_if_checkpoint_failed(self) -> None:
-        """Raise, on the training thread, the error of a background write that failed."""
-        self.checkpoint_writer.raise_if_failed()
+    def checkpoint_error(self) -> BaseException | None:
+        """The error of a background write that failed on this rank, once; ``None`` otherwise."""
+        return self.checkpoint_writer.take_error()
 
     def wait_for_checkpoints(self) -> None:
-        """Block until every background write is on disk (at the end of a run)."""
-        self.checkpoint_writer.wait()
+        """Block until every background write is done (at the end of a run); ``checkpoint_error``
+        then says whether one failed."""
+        self.checkpoint_writer.join()
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
