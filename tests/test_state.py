@@ -51,6 +51,14 @@ def make(root, *callbacks, **kwargs):
     return Trainer(callbacks=list(callbacks), **kwargs)
 
 
+def one_epoch_checkpoint(root) -> str:
+    trainer = make(root, max_epochs=1)
+    trainer.fit(Net(), *loaders())
+    path = str(root / "run.ckpt")
+    trainer.save_checkpoint(path)
+    return path
+
+
 def test_run_state_refuses_bad_parts():
     state = RunState()
     state.register("a", Counter())
@@ -79,10 +87,7 @@ def test_a_registered_part_is_saved_and_restored(tmp_path):
 
 
 def test_a_part_missing_from_the_checkpoint_warns_and_keeps_its_state(tmp_path):
-    trainer = make(tmp_path, max_epochs=1)
-    trainer.fit(Net(), *loaders())
-    path = str(tmp_path / "run.ckpt")
-    trainer.save_checkpoint(path)
+    path = one_epoch_checkpoint(tmp_path)
     counter = Counter()
     counter.count = 7
     resumed = make(tmp_path, max_epochs=1)
@@ -133,10 +138,7 @@ def test_a_version_1_checkpoint_still_resumes(tmp_path):
 
 
 def test_a_checkpoint_of_another_optimizer_count_is_refused(tmp_path):
-    trainer = make(tmp_path, max_epochs=1)
-    trainer.fit(Net(), *loaders())
-    path = str(tmp_path / "run.ckpt")
-    trainer.save_checkpoint(path)
+    path = one_epoch_checkpoint(tmp_path)
     state = torch.load(path, weights_only=True)
     state["optimizer_states"] = state["optimizer_states"] * 2
     torch.save(state, path)
