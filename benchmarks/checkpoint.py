@@ -125,7 +125,7 @@ class SaveProbe(distloop.Callback):
 
     def _settle(self, trainer: Any) -> None:
         """Before a timed save: no write in flight, no old files, no dirty pages, no garbage."""
-        trainer._writer.wait()
+        trainer.strategy.wait_for_checkpoints()
         for name in os.listdir(self.directory):
             os.remove(os.path.join(self.directory, name))
         gc.collect()

@@ -130,6 +130,7 @@ class Trainer:
         self.ckpt_path: str | None = None  # the checkpoint the last run resumed from
         self._watch_resumable_points = False
         self._failure: BaseException | None = None  # this rank's failed checkpoint write, until every rank stops
+        self._wrote_in_background = False  # this run saved with blocking=False (alike on every rank)
         self.control = Control()
         self.run_state = trainer_state(self)  # what a checkpoint holds: register more parts here
 
@@ -284,6 +285,7 @@ class Trainer:
         # Per run, read at every step: whether resumable points have callbacks or writes to check.
         self._watch_resumable_points = self.hooks.overridden_by_callbacks("on_resumable_point")
         self._failure = None
+        self._wrote_in_background = False
         self.control.start(self.world_size, catch_signals=stage == "fit")
         self.callback_metrics, self.logged_metrics, self.progress_bar_metrics = {}, {}, {}
         for loop in (self.fit_loop, self.validate_loop, self.test_loop, self.predict_loop):
@@ -328,7 +330,9 @@ class Trainer:
 
     def _agree_on_checkpoint_failures(self) -> None:
         """At the end of a run: every rank learns whether a background checkpoint write failed
-        anywhere (one collective), and all raise, so none goes on alone."""
+        anywhere (one collective, only after background writes), and all raise, so none goes on alone."""
+        if not self._wrote_in_background:
+            return
         self.strategy.wait_for_checkpoints()
         error = self.strategy.checkpoint_error() or self._failure
         if self.strategy.reduce_boolean_decision(error is not None, all=False):
@@ -412,8 +416,8 @@ class Trainer:
         checkpoint = self.run_state.state_dict(self.global_step, self.current_epoch, self.world_size)
         self.hooks.module("on_save_checkpoint", checkpoint)
         self.strategy.save_checkpoint(checkpoint, path, blocking=blocking, then=then)
-        if not blocking:
-            self._watch_resumable_points = True  # a failed background write is raised at the next one
+        if not blocking:  # on every rank alike (a collective): a failed write is agreed on later
+            self._watch_resumable_points = self._wrote_in_background = True
 
     def _restore(self, ckpt_path: str) -> None:
         """Load a checkpoint into every part of ``run_state``; ``"last"``: the newest valid one."""
