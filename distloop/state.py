@@ -6,7 +6,8 @@ the run's parts (module, optimizers, schedulers, precision, loops, callbacks, RN
 config); adding one, a datamodule's or a custom loop's, is one ``register`` call. Every
 rank builds every part (a part may be a collective: the loops sync their metrics, the RNG
 part gathers every rank's states, a sharded module gathers nothing but still takes part);
-the Strategy decides who writes what. Parts load in the order they were registered.
+the Strategy decides who writes what. Parts load in the order they were registered, the
+RNG streams last (``register_last``).
 
 Where Lightning's checkpoints have a key, the part has that name (``state_dict``,
 ``optimizer_states``, ``lr_schedulers``, ``loops``, ``callbacks``, ``epoch``,

@@ -18,9 +18,14 @@ class Votes:
         return decision or self.others
 
 
-def test_with_one_process_a_request_is_a_decision():
+def started(world_size: int) -> Control:
     control = Control()
-    control.start(world_size=1, catch_signals=False)
+    control.start(world_size=world_size, catch_signals=False)
+    return control
+
+
+def test_with_one_process_a_request_is_a_decision():
+    control = started(1)
     control.request(Request.STOP)
     assert control.decided(Request.STOP) and control.stop_decided
     control.withdraw(Request.STOP)
@@ -28,8 +33,7 @@ def test_with_one_process_a_request_is_a_decision():
 
 
 def test_with_several_ranks_a_request_waits_for_the_agreement():
-    control = Control()
-    control.start(world_size=2, catch_signals=False)
+    control = started(2)
     control.request(Request.SAVE)
     assert control.pending == Request.SAVE and not control.anything_decided
     control.agree(int(Request.SAVE | Request.PREEMPT))  # another rank was preempted
@@ -41,8 +45,7 @@ def test_with_several_ranks_a_request_waits_for_the_agreement():
 
 
 def test_a_stop_request_stays_until_the_run_ends():
-    control = Control()
-    control.start(world_size=2, catch_signals=False)
+    control = started(2)
     control.request(Request.STOP)
     control.agree(int(Request.STOP))
     assert control.pending == Request.STOP and control.stop_decided
@@ -51,17 +54,14 @@ def test_a_stop_request_stays_until_the_run_ends():
 
 
 def test_the_epoch_end_vote_decides_alike_for_every_rank():
-    control = Control()
-    control.start(world_size=2, catch_signals=False)
+    control = started(2)
     votes = Votes(others=True)
     control.vote_stop(votes)
     assert control.stop_decided and votes.calls == 1
-    quiet = Control()
-    quiet.start(world_size=2, catch_signals=False)
+    quiet = started(2)
     quiet.vote_stop(Votes(others=False))
     assert not quiet.stop_decided
-    alone = Control()
-    alone.start(world_size=1, catch_signals=False)
+    alone = started(1)
     no_collective = Votes(others=True)
     alone.vote_stop(no_collective)
     assert no_collective.calls == 0 and not alone.stop_decided
