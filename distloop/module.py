@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Mapping
 
 import torch
@@ -196,6 +197,24 @@ class LoopModule(nn.Module):
                 "(e.g. `self.acc = Accuracy(...)` in `__init__`) so its state can be checkpointed."
             )
         return found
+
+def takes_argument(fn: Callable, name: str, position: int) -> bool:
+    """Whether ``fn`` (a bound step or hook) accepts ``name``: by name, or through ``*args`` at
+    0-based ``position``. Lightning passes ``batch_idx`` and ``dataloader_idx`` only then."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    positional = 0
+    for p in params:
+        if p.name == name or p.kind is p.VAR_KEYWORD:
+            return True
+        if p.kind is p.VAR_POSITIONAL:
+            return True
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            positional += 1
+    return positional > position
+
 
 def batch_size_of(batch: Any) -> int:
     """The length of the first tensor found in the batch (1 when there is none)."""
