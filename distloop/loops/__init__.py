@@ -15,6 +15,7 @@ and where the ranks agree on the control plane's requests)::
         while not fit_loop.done:                       # max_steps, max_epochs, or an agreed stop after min_epochs
             hook on_train_epoch_start
             epoch_loop.run(train_dataloader):          # data.set_epoch(loader, epoch, samples_seen)
+                                                       # automatic or manual: module.automatic_optimization
                 while not epoch_loop.done:             # last batch, max_steps, or an agreed stop
                     fetch a batch (to the device); hook on_train_batch_start (-1 ends the epoch)
                     AutomaticOptimization.run:
@@ -22,6 +23,14 @@ and where the ranks agree on the control plane's requests)::
                         hook on_before_backward; backward; hook on_after_backward
                         unless accumulating: hook on_before_optimizer_step; clip; optimizer step;
                             hook on_before_zero_grad; zero_grad; step "step" LR schedulers
+                    or ManualOptimization.run:         # accumulate_grad_batches=1, no gradient_clip_val
+                        training_step (under autocast), where the module calls, as it likes:
+                            self.manual_backward(loss): hook on_before_backward; backward (averaged
+                                over the ranks under DDP); hook on_after_backward
+                            self.clip_gradients(opt, ...)
+                            opt.step(closure=None): closure; hook on_before_optimizer_step;
+                                optimizer step (+1 global step); no LR scheduler is stepped for it
+                            opt.zero_grad()
                     hook on_train_batch_end
                     every log_every_n_steps batches: read step values
                     maybe val_loop.run():              # val_check_interval / check_val_every_n_epoch

@@ -1,5 +1,12 @@
 """DDP: one process per device, gradients all-reduced by DistributedDataParallel.
 
+Under manual optimization the module is not wrapped: the strategy does what DDP would, with
+public collectives only. Parameters and buffers are broadcast from rank 0 at set-up,
+buffers again before every training step (DDP's ``broadcast_buffers``), and every
+``manual_backward`` averages the gradients of the parameters that require grad (one flat
+all-reduce, DDP's numbers). So toggled optimizers (a GAN) need no ``find_unused_parameters``,
+and the gradients the hooks, ``clip_gradients`` and ``step`` see are averaged, as with DDP.
+
 The process group comes from the launcher's environment (torchrun, or SLURM's srun):
 ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``. NCCL on CUDA,
 gloo on CPU, unless ``backend`` says otherwise.
@@ -7,10 +14,11 @@ gloo on CPU, unless ``backend`` says otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from datetime import timedelta
-from typing import Any, ContextManager, TypeVar
+from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from distloop.errors import MisconfigurationError
 from distloop.strategies.devices import check_backend, cuda_device, uses_cuda
-from distloop.strategies.strategy import Strategy
+from distloop.strategies.strategy import Strategy, training_step_of
 
 T = TypeVar("T")
 
@@ -83,16 +91,62 @@ def free_port() -> int:
 class _TrainingStep(nn.Module):
     """Lets DDP's forward (and so its gradient hooks) run the module's ``training_step``."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, step: Callable[[Any, int], Any]) -> None:
         super().__init__()
         self.module = module
-        self._step = module.training_step  # a plain attribute: no Module.__getattr__ per step
+        self._step = step  # a plain attribute: no Module.__getattr__ per step
 
     def forward(self, batch: Any, batch_idx: int) -> Any:
         return self._step(batch, batch_idx)
 
     # DDP calls the module it wraps; nothing hooks this wrapper, so skip nn.Module's hook dispatch.
     __call__ = forward
+
+
+def broadcast_from_zero(tensors: list[Tensor], group: Any) -> None:
+    """Overwrite ``tensors`` with global rank 0's values: one flat broadcast per dtype and device."""
+    with torch.no_grad():
+        for same in _by_kind(tensors):
+            flat = torch.cat([t.reshape(-1) for t in same])
+            dist.broadcast(flat, src=0, group=group)  # the strategy's groups hold every rank
+            for t, value in zip(same, flat.split([t.numel() for t in same])):
+                t.copy_(value.view_as(t))
+
+
+def average_gradients(params: list[nn.Parameter], world_size: int, group: Any) -> None:
+    """Average the gradients of ``params`` over the ranks in place, with DDP's numbers (each rank's
+    gradient times 1/world_size, then summed): one flat all-reduce per dtype and device.
+
+    A parameter without a gradient on this rank adds zeros; one without a gradient on every
+    rank keeps none, as DDP leaves a globally unused parameter. Every rank passes the same
+    parameters in the same order (the same module, toggled alike), so no rank waits alone.
+    """
+    with torch.no_grad():
+        for same in _by_kind(params):
+            grads = [p.grad for p in same]
+            present = [g is not None for g in grads]
+            flat = torch.cat([*(g.reshape(-1) if g is not None else torch.zeros(p.numel(), dtype=p.dtype,
+                                                                               device=p.device)
+                                for p, g in zip(same, grads)),
+                              torch.tensor(present, dtype=same[0].dtype, device=same[0].device)])
+            sizes = [p.numel() for p in same]
+            total = sum(sizes)
+            flat[:total].mul_(1.0 / world_size)
+            dist.all_reduce(flat, group=group)
+            anywhere = present if all(present) else [n > 0 for n in flat[total:].tolist()]  # host sync: rare
+            for p, g, value, has in zip(same, grads, flat[:total].split(sizes), anywhere):
+                if g is not None:
+                    g.copy_(value.view_as(g))
+                elif has:
+                    p.grad = value.view_as(p).clone()
+
+
+def _by_kind(tensors: list[Tensor]) -> list[list[Tensor]]:
+    """``tensors`` grouped by (dtype, device), each group in the given order: what one flat collective holds."""
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.dtype, t.device), []).append(t)
+    return list(groups.values())
 
 
 class DDPStrategy(Strategy):
@@ -122,6 +176,10 @@ class DDPStrategy(Strategy):
         self._gloo_group: Any = None
         self._owns_default_group = False
         self._ddp: DistributedDataParallel | None = None
+        self._step: Callable[[Any, int], Any] | None = None  # manual optimization: the unwrapped step
+        self._params: list[nn.Parameter] = []  # manual optimization: what manual_backward averages
+        self._buffers: list[Tensor] = []
+        self._sync_blocked = False
 
     @property
     def world_size(self) -> int:
@@ -156,11 +214,19 @@ class DDPStrategy(Strategy):
 
     def setup_module(self, module: nn.Module) -> nn.Module:
         self.module = module.to(self.root_device)
+        step = training_step_of(self.module)
+        if not getattr(module, "automatic_optimization", True):
+            self._ddp, self._step = None, step
+            self._params, self._buffers = list(self.module.parameters()), list(self.module.buffers())
+            broadcast_from_zero([*self._params, *self._buffers], self.group)  # as DDP's constructor does
+            self._training_step = self._manual_training_step
+            return self.module
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
         self._ddp = DistributedDataParallel(
-            _TrainingStep(self.module), device_ids=device_ids, process_group=self.group,
+            _TrainingStep(self.module, step), device_ids=device_ids, process_group=self.group,
             find_unused_parameters=self.find_unused_parameters, static_graph=self.static_graph,
             gradient_as_bucket_view=self.gradient_as_bucket_view)
+        self._training_step = self._ddp
         return self.module
 
     def teardown(self) -> None:
@@ -168,7 +234,9 @@ class DDPStrategy(Strategy):
         # Owning the default group, destroying it frees every group; otherwise only ours go.
         mine = [] if self._owns_default_group else list({id(g): g for g in (self.group, self._gloo_group)
                                                          if g is not None}.values())
-        self._ddp = None
+        super().teardown()
+        self._ddp = self._step = None
+        self._params, self._buffers = [], []
         self.group = self._gloo_group = None
         if dist.is_initialized() and self._owns_default_group:
             dist.destroy_process_group()
@@ -177,14 +245,38 @@ class DDPStrategy(Strategy):
         self._owns_default_group = False
 
     # --------------------------------------------------------------- per step
-    def training_step(self, batch: Any, batch_idx: int) -> Any:
-        assert self._ddp is not None
-        return self._ddp(batch, batch_idx)
-
     def no_backward_sync(self, accumulating: bool) -> ContextManager:
         if accumulating and self._ddp is not None:
             return self._ddp.no_sync()
+        if accumulating and self._step is not None:
+            return self._blocking_sync()
         return super().no_backward_sync(accumulating)
+
+    # --------------------------------------------------------------- manual optimization
+    def _manual_training_step(self, batch: Any, batch_idx: int) -> Any:
+        """The step DDP's forward would run: rank 0's buffers first (``broadcast_buffers=True``)."""
+        assert self._step is not None
+        if self._buffers:
+            broadcast_from_zero(self._buffers, self.group)
+        return self._step(batch, batch_idx)
+
+    def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Backward, then the gradients averaged over the ranks (unless inside ``no_backward_sync``)."""
+        if self._step is None:
+            raise MisconfigurationError(
+                "manual_backward under DDP needs `self.automatic_optimization = False` before fit starts "
+                "(in __init__): the strategy wrapped the module for automatic optimization at set-up.")
+        super().manual_backward(loss, *args, **kwargs)
+        if not self._sync_blocked:
+            average_gradients([p for p in self._params if p.requires_grad], self._world_size, self.group)
+
+    @contextlib.contextmanager
+    def _blocking_sync(self) -> Iterator[None]:
+        previous, self._sync_blocked = self._sync_blocked, True
+        try:
+            yield
+        finally:
+            self._sync_blocked = previous
 
     # --------------------------------------------------------------- collectives
     def reduce(self, tensor: Tensor, reduce_op: str = "mean") -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, ContextManager
 
 import torch
@@ -33,10 +34,10 @@ class Precision:
     def __init__(self, precision: Any, device: torch.device) -> None:
         self.precision = normalize_precision(precision)
         self.device = device
-        if self.precision == "16-mixed" and device.type != "cuda":
-            raise MisconfigurationError(
-                "precision='16-mixed' needs a CUDA device; on CPU use precision='bf16-mixed'."
-            )
+        if self.precision == "16-mixed" and device.type == "cpu":  # what Lightning does, with its warning
+            warnings.warn("You passed precision='16-mixed' on CPU, but AMP with fp16 is not supported on CPU. "
+                          "Using precision='bf16-mixed' instead.", stacklevel=2)
+            self.precision = "bf16-mixed"
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "16-mixed" else None
 
     def autocast(self) -> ContextManager:

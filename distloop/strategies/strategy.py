@@ -9,16 +9,19 @@ changes no loop and no Trainer code.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ContextManager, TypeVar
+from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from distloop.checkpoint import BackgroundWriter, CheckpointError, load, newest_valid, snapshot, write_atomic
-from distloop.optim import LRSchedulerConfig, parse_optimizers
+from distloop.errors import MisconfigurationError
+from distloop.module import takes_argument
+from distloop.optim import LoopOptimizer, LRSchedulerConfig, parse_optimizers
 from distloop.strategies.precision import NO_CONTEXT, Precision
 
 T = TypeVar("T")
@@ -32,8 +35,11 @@ class Strategy(ABC):
         self.precision = Precision(precision, self._root_device)
         self.module: nn.Module | None = None
         self.optimizers: list[Optimizer] = []
+        self.loop_optimizers: list[LoopOptimizer] = []  # what ``LoopModule.optimizers()`` returns
         self.lr_scheduler_configs: list[LRSchedulerConfig] = []
         self.checkpoint_writer = BackgroundWriter()
+        self._training_step: Callable[[Any, int], Any] = _not_set_up
+        self._unscaled: set[Optimizer] = set()  # unscaled by manual clipping since their last step
 
     @property
     def root_device(self) -> torch.device:
@@ -64,6 +70,7 @@ class Strategy(ABC):
     def setup_module(self, module: nn.Module) -> nn.Module:
         """Move the module to the device and wrap it if the strategy needs to; returns what to call."""
         self.module = module.to(self.root_device)
+        self._training_step = training_step_of(self.module)
         return self.module
 
     def setup_optimizers(self, module: Any) -> None:
@@ -72,11 +79,17 @@ class Strategy(ABC):
         Built here, after wrapping, because a strategy that shards parameters must hand the
         optimizer the sharded ones.
         """
-        setup = parse_optimizers(module.configure_optimizers())
+        setup = parse_optimizers(module.configure_optimizers(), getattr(module, "automatic_optimization", True),
+                                 module.training_step)
         self.optimizers, self.lr_scheduler_configs = setup.optimizers, setup.lr_scheduler_configs
+        self.loop_optimizers = [LoopOptimizer(o, self.manual_optimizer_step, self.toggled_model)
+                                for o in self.optimizers]
+        self._unscaled = set()
 
     def teardown(self) -> None:
         """Release what ``setup_environment`` took; also called when training raised."""
+        self._training_step = _not_set_up  # it holds the module and whatever wraps it
+        self.checkpoint_writer.close()
 
     # --------------------------------------------------------------- per step
     def batch_to_device(self, batch: Any) -> Any:
@@ -87,8 +100,7 @@ class Strategy(ABC):
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
         """Run the module's ``training_step`` through whatever wraps it (DDP hooks need the wrapper)."""
-        assert self.module is not None
-        return self.module.training_step(batch, batch_idx)
+        return self._training_step(batch, batch_idx)
 
     def no_backward_sync(self, accumulating: bool) -> ContextManager:
         """While accumulating, skip the gradient all-reduce (DDP's ``no_sync``)."""
@@ -103,14 +115,66 @@ class Strategy(ABC):
 
     def clip_gradients(self, optimizer: Optimizer, clip_val: float, algorithm: str) -> None:
         self.precision.unscale_gradients(optimizer)
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if algorithm == "norm":
-            torch.nn.utils.clip_grad_norm_(params, clip_val)
-        else:
-            torch.nn.utils.clip_grad_value_(params, clip_val)
+        clip_gradients_of(optimizer, clip_val, algorithm)
 
     def optimizer_step(self, optimizer: Optimizer) -> None:
         self.precision.optimizer_step(optimizer)
+
+    # --------------------------------------------------------------- manual optimization
+    def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """``LoopModule.manual_backward``: backward through the grad scaler (under "16-mixed");
+        ``args`` and ``kwargs`` go to ``Tensor.backward``."""
+        scaler = self.precision.scaler
+        (scaler.scale(loss) if scaler is not None else loss).backward(*args, **kwargs)
+
+    def manual_optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any],
+                              before_step: Callable[[], Any] = lambda: None, /, **kwargs: Any) -> Any:
+        """A ``LoopOptimizer.step``: ``closure``, then ``before_step`` (the hook; gradients unscaled
+        by then), then the update, through the grad scaler under "16-mixed" (which skips an update
+        from non-finite gradients). Returns what the optimizer's ``step`` returns."""
+        scaler = self.precision.scaler
+        if scaler is None:
+            def closure_then_hook() -> Any:
+                out = closure()
+                before_step()
+                return out
+
+            return optimizer.step(closure=closure_then_hook, **kwargs)
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise MisconfigurationError("precision='16-mixed' cannot step LBFGS: its closure runs "
+                                        "several times per step, which a grad scaler does not support.")
+        closure()
+        if optimizer not in self._unscaled and not _unscales_itself(optimizer):
+            scaler.unscale_(optimizer)
+        before_step()
+        out = scaler.step(optimizer, **kwargs)
+        scaler.update()  # forgets what every optimizer had unscaled
+        self._unscaled.clear()
+        return out
+
+    def manual_clip_gradients(self, optimizer: Optimizer, clip_val: float, algorithm: str) -> None:
+        """``LoopModule.clip_gradients``: clip the true (unscaled) gradients, once unscaled before the step."""
+        scaler = self.precision.scaler
+        if scaler is not None:
+            if _unscales_itself(optimizer):
+                raise RuntimeError(f"{type(optimizer).__qualname__} unscales gradients inside its step (a fused "
+                                   "optimizer?), so they cannot be clipped before it under precision='16-mixed'.")
+            if optimizer not in self._unscaled:
+                scaler.unscale_(optimizer)
+                self._unscaled.add(optimizer)
+        clip_gradients_of(optimizer, clip_val, algorithm)
+
+    @contextlib.contextmanager
+    def toggled_model(self, optimizer: Any, sync_grad: bool) -> Iterator[None]:
+        """``LoopOptimizer.toggle_model``: only ``optimizer``'s parameters require grad inside;
+        with ``sync_grad=False`` backward skips the gradient sync across ranks."""
+        assert self.module is not None
+        with self.no_backward_sync(not sync_grad):
+            self.module.toggle_optimizer(optimizer)
+            try:
+                yield
+            finally:
+                self.module.untoggle_optimizer(optimizer)
 
     # --------------------------------------------------------------- collectives
     @abstractmethod
@@ -204,6 +268,33 @@ class Strategy(ABC):
         """Block until every background write is done (at the end of a run); ``checkpoint_error``
         then says whether one failed."""
         self.checkpoint_writer.join()
+
+
+def training_step_of(module: nn.Module) -> Callable[[Any, int], Any]:
+    """``module.training_step`` called as ``(batch, batch_idx)``: ``batch_idx`` reaches it only when
+    it takes one (Lightning's rule). Decided once per run, not per step."""
+    step = module.training_step
+    if takes_argument(step, "batch_idx", 1):
+        return step
+    return lambda batch, batch_idx: step(batch)
+
+
+def _not_set_up(batch: Any, batch_idx: int) -> Any:
+    raise RuntimeError("Strategy.training_step before setup_module: the strategy has no module yet.")
+
+
+def clip_gradients_of(optimizer: Optimizer, clip_val: float, algorithm: str) -> None:
+    """Clip the gradients of ``optimizer``'s parameters by total norm ("norm") or by value ("value")."""
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if algorithm == "norm":
+        torch.nn.utils.clip_grad_norm_(params, clip_val)
+    else:
+        torch.nn.utils.clip_grad_value_(params, clip_val)
+
+
+def _unscales_itself(optimizer: Optimizer) -> bool:
+    """Whether the optimizer unscales fp16 gradients in its own step (fused optimizers)."""
+    return getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
