@@ -201,7 +201,7 @@ def test_model_checkpoint_keeps_top_k_and_points_last_at_the_newest(tmp_path):
     scores = sorted(float(n.split("val_loss=")[1][:-5]) for n in files)
     assert checkpoint.best_model_score == pytest.approx(scores[0], abs=1e-4)
     assert os.path.realpath(tmp_path / "last.ckpt") == os.path.realpath(checkpoint.last_model_path)
-    assert load(str(tmp_path / "last.ckpt"))["epoch"] == 3
+    assert load(str(tmp_path / "last.ckpt"))["global_step"] == trainer.global_step
 
 
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR1"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from typing import Any
@@ -19,11 +20,30 @@ class ProgressBar(Callback):
     may_set_should_stop = False
 
     def __init__(self, stream: Any = None) -> None:
-        self.stream = stream if stream is not None else sys.stderr
+        self._stream = stream  # None: sys.stderr, looked up when written to (so the bar copies and pickles)
         self._bar: Any = None
         self._val_bar: Any = None
         self._shown_version = -1
         self._epoch_start = 0.0
+
+    @property
+    def stream(self) -> Any:
+        return self._stream if self._stream is not None else sys.stderr
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_bar"] = state["_val_bar"] = None  # a live bar draws on this process's terminal
+        return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ProgressBar:
+        """A copy with no live bar that writes to the same stream (a stream is shared, never copied)."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        state = self.__getstate__()
+        stream = state.pop("_stream")
+        clone.__dict__.update(copy.deepcopy(state, memo))
+        clone._stream = stream
+        return clone
 
     @property
     def interactive(self) -> bool:

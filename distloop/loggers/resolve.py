@@ -6,17 +6,17 @@ import os
 
 from distloop.errors import MisconfigurationError
 from distloop.loggers.csv import CSVLogger
-from distloop.loggers.logger import Logger, next_version_dir
+from distloop.loggers.logger import Logger
 
 
 def resolve_loggers(logger: bool | Logger | list[Logger] | None, default_root_dir: str,
                     is_global_zero: bool) -> list[Logger]:
-    """``True``: a CSVLogger in ``<default_root_dir>/logs/version_N``; ``False`` / ``None``: none."""
+    """``True``: a CSVLogger in ``<default_root_dir>/lightning_logs/version_N``; ``False`` / ``None``: none."""
     if logger is True:
-        path = next_version_dir(os.path.join(default_root_dir, "logs"))
+        default = CSVLogger(default_root_dir)
         if is_global_zero:
-            os.makedirs(path, exist_ok=True)  # so the next Trainer takes the next version
-        return [CSVLogger(path)]
+            os.makedirs(default.log_dir, exist_ok=True)  # taken now, so the next Trainer takes the next version
+        return [default]
     if not logger:
         return []
     loggers = [logger] if isinstance(logger, Logger) else list(logger)
