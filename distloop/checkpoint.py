@@ -130,10 +130,10 @@ def load(path: str) -> dict[str, Any]:
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has format version {state['version']}; this distloop reads up to "
                               f"{VERSION}. Upgrade distloop.")
-    return _upgrade(state)
+    return upgrade(state)
 
 
-def _upgrade(state: dict[str, Any]) -> dict[str, Any]:
+def upgrade(state: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint of an older format version, in today's layout (before any hook sees it)."""
     if state.get("version", 0) < 2:  # version 1 named the module and optimizer parts in distloop's own words
         state = dict(state)
@@ -189,6 +189,13 @@ class BackgroundWriter:
         """Block until every submitted write is done, failed ones included."""
         self._jobs.join()
 
+    def close(self) -> None:
+        """Finish the writes, then stop the thread (at the end of a run: no thread outlives it)."""
+        if self._thread is not None and self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        self._thread = None
+
     def wait(self) -> None:
         """Block until every submitted write is on disk; re-raise a failed write's error."""
         self.join()
@@ -214,7 +221,11 @@ class BackgroundWriter:
 
     def _work(self) -> None:
         while True:
-            state, path, then = self._jobs.get()
+            job = self._jobs.get()
+            if job is None:  # close()
+                self._jobs.task_done()
+                return
+            state, path, then = job
             try:
                 write_atomic(state, path)
                 if then is not None:

@@ -9,6 +9,7 @@ no sample of the epoch skipped or repeated, and resuming never replays the loade
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Iterator
 
@@ -16,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, RandomSampler, Sampler, SequentialSampler
 
 from distloop.errors import MisconfigurationError
+from distloop.rng import seeding_workers, worker_init_function
 
 
 class ResumableSampler(Sampler[int]):
@@ -50,9 +52,11 @@ class ResumableSampler(Sampler[int]):
             order = list(range(self.num_samples))
         remaining = order[self.offset:]
         if self.pad and remaining:
+            # Pad from the epoch's first samples, as the whole epoch pads: a run resumed in the
+            # epoch's last batches then repeats the same samples an uninterrupted one does.
             total = math.ceil(len(remaining) / self.num_replicas) * self.num_replicas
             while len(remaining) < total:
-                remaining += remaining[: total - len(remaining)]
+                remaining += order[: total - len(remaining)]
         return remaining
 
     def __iter__(self) -> Iterator[int]:
@@ -111,6 +115,14 @@ def with_resumable_sampler(loader: Any, *, num_replicas: int, rank: int, seed: i
         prefetch_factor=loader.prefetch_factor if loader.num_workers > 0 else None,
         persistent_workers=loader.persistent_workers, pin_memory_device=loader.pin_memory_device,
     )
+
+
+def seed_workers(loader: Any, rank: int) -> Any:
+    """``loader``, its workers seeded by ``rng.worker_init_function`` when ``seed_everything(workers=True)``
+    asked for it and the loader has no ``worker_init_fn`` of its own (Lightning's rule)."""
+    if seeding_workers() and isinstance(loader, DataLoader) and loader.worker_init_fn is None:
+        loader.worker_init_fn = functools.partial(worker_init_function, rank=rank)
+    return loader
 
 
 def set_epoch(loader: Any, epoch: int, samples_seen: int = 0) -> None:

@@ -1,7 +1,9 @@
-"""Dispatch of a hook to the module and the callbacks that override it.
+"""Dispatch of a hook to the callbacks and the module that override it.
 
-Module first, then callbacks, so a callback sees what the module logged in the same
-hook. A hook that nobody overrides costs one dict lookup.
+Callbacks first, then the module: Lightning's order. At the epoch ends, where logged values
+are read and synced, the loops call the module's hook, read, then the callbacks', so that
+callbacks (the monitoring ones above all) see what the module logged there, in one read.
+A hook that nobody overrides costs one set lookup.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ class Hooks:
     def __call__(self, name: str, *args: Any) -> Any:
         if name in self._silent:
             return None
-        out = self.module(name, *args)
         self.callbacks(name, *args)
+        out = self.module(name, *args)
         if self._module_fns[name] is None and not self._callback_fns[name]:
             self._silent.add(name)  # nobody overrides it: later calls cost one set lookup
         return out

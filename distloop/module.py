@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable, Mapping
+import os
+from typing import IO, Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from torchmetrics import Metric
 
 from distloop.errors import MisconfigurationError
+from distloop.hparams import HyperparametersMixin, load_module
+from distloop.optim import LoopOptimizer
 from distloop.results import ResultCollection
 
 # Hooks where ``self.log`` defaults to step values; everywhere else it defaults to epoch values.
@@ -27,16 +32,20 @@ class StepContext:
     because setting attributes on an ``nn.Module`` is slow on the hot path.
     """
 
-    __slots__ = ("fx", "results", "batch", "batch_size")
+    __slots__ = ("fx", "results", "batch", "batch_size", "dataloader_idx")
 
     def __init__(self) -> None:
         self.fx: str | None = None
         self.results: ResultCollection | None = None
         self.batch: Any = None
         self.batch_size: int | None = None
+        self.dataloader_idx: int | None = None  # set when an evaluation runs several dataloaders
 
 
-class LoopModule(nn.Module):
+_M = TypeVar("_M", bound="LoopModule")
+
+
+class LoopModule(HyperparametersMixin, nn.Module):
     """Subclass it like a ``LightningModule``: ``training_step``, ``configure_optimizers``, hooks, ``self.log``."""
 
     def __init__(self) -> None:
@@ -44,6 +53,26 @@ class LoopModule(nn.Module):
         self._trainer: Any = None
         self.log_context = StepContext()
         self._metric_names: dict[int, str] | None = None
+
+    @classmethod
+    def load_from_checkpoint(
+        cls: type[_M],
+        checkpoint_path: str | os.PathLike | IO,
+        map_location: Any = None,
+        hparams_file: str | os.PathLike | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> _M:
+        """The module a checkpoint was saved from, as Lightning's: ``cls(**hparams)``, ``kwargs``
+        overriding the saved hparams (or giving those that could not be saved), then its weights.
+
+        ``map_location`` as in ``torch.load`` (default: the saved devices, or the CPU where one
+        is absent); ``hparams_file``: a ``.yaml`` / ``.csv`` whose hparams replace the saved ones;
+        ``strict`` (default ``True``): every ``state_dict`` key must match. The module is in
+        training mode; call ``.eval()`` to predict. See ``distloop.hparams.load_module``.
+        """
+        return load_module(cls, checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
 
     # ------------------------------------------------------------ trainer access
     @property
@@ -70,6 +99,54 @@ class LoopModule(nn.Module):
     def global_step(self) -> int:
         return self.trainer.global_step if self._trainer is not None else 0
 
+    @property
+    def global_rank(self) -> int:
+        return self.trainer.global_rank if self._trainer is not None else 0
+
+    @property
+    def local_rank(self) -> int:
+        return self.trainer.local_rank if self._trainer is not None else 0
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the module's floating-point parameters (the default dtype when it has none)."""
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.get_default_dtype()
+
+    @property
+    def loggers(self) -> list[Any]:
+        return self.trainer.loggers if self._trainer is not None else []
+
+    @property
+    def logger(self) -> Any:
+        """The first logger, or ``None``."""
+        return self.trainer.logger if self._trainer is not None else None
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        """``print`` on global rank zero only, so a message appears once per job."""
+        if self.global_rank == 0:
+            print(*args, **kwargs)
+
+    def all_gather(self, data: Any, group: Any = None, sync_grads: bool = False) -> Any:
+        """Every rank's tensors (in nested lists, tuples and dicts) stacked along a new first
+        dimension; with one process, ``data`` as it is (as in Lightning). A collective."""
+        if group is not None:
+            raise MisconfigurationError("all_gather(group=...) is not supported: it gathers over all ranks.")
+        if self._trainer is None or self.trainer.world_size == 1:
+            return data
+        strategy = self.trainer.strategy
+        if sync_grads:
+            import torch.distributed.nn.functional as dist_fn
+
+            return _apply_to_tensors(data, lambda t: torch.stack(dist_fn.all_gather(t.contiguous())))
+        return _apply_to_tensors(data, lambda t: strategy.all_gather(torch.as_tensor(t, device=self.device)))
+
     # ------------------------------------------------------------ what users write
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | Mapping[str, Any]:
         """Return the loss (a scalar tensor) or a dict with a ``"loss"`` key."""
@@ -95,7 +172,141 @@ class LoopModule(nn.Module):
             "to return an optimizer (optionally with an LR scheduler)."
         )
 
+    # ------------------------------------------------------------ manual optimization
+    _automatic_optimization = True  # Lightning's default; `self.automatic_optimization = False` sets it per module
+    _param_requires_grad_state: dict[Tensor, bool] = {}  # what toggle_optimizer changed; replaced, never mutated
+
+    @property
+    def automatic_optimization(self) -> bool:
+        """False: ``training_step`` calls ``self.manual_backward(loss)``, ``opt.step()`` and
+        ``opt.zero_grad()`` itself (needed for several optimizers). Set it in ``__init__``."""
+        return self._automatic_optimization
+
+    @automatic_optimization.setter
+    def automatic_optimization(self, automatic_optimization: bool) -> None:
+        self._automatic_optimization = automatic_optimization
+
+    def optimizers(self, use_pl_optimizer: bool = True) -> Any:
+        """The optimizer, or the list of them when there are several (or none), of ``configure_optimizers``:
+        wrapped as ``LoopOptimizer`` (steps through the precision, hooks and global step) unless
+        ``use_pl_optimizer=False``."""
+        trainer = self.trainer
+        optimizers = trainer.strategy.loop_optimizers if use_pl_optimizer else trainer.optimizers
+        if len(optimizers) == 1 and isinstance(optimizers[0], Optimizer):
+            return optimizers[0]
+        return optimizers
+
+    def lr_schedulers(self) -> Any:
+        """``None``, the scheduler, or the list of them; in manual optimization step them yourself."""
+        schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
+        if not schedulers:
+            return None
+        return schedulers[0] if len(schedulers) == 1 else schedulers
+
+    def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Backward in manual optimization: the backward hooks, the grad scaler under "16-mixed", the
+        gradients averaged over the ranks under DDP. ``args``/``kwargs`` go to ``Tensor.backward``."""
+        if self.automatic_optimization:
+            raise MisconfigurationError(
+                "manual_backward is for manual optimization: set `self.automatic_optimization = False` in "
+                "__init__, or return the loss from training_step and let the Trainer run backward.")
+        trainer = self.trainer
+        trainer.hooks("on_before_backward", loss)
+        trainer.strategy.manual_backward(loss, *args, **kwargs)
+        trainer.hooks("on_after_backward")
+
+    def toggle_optimizer(self, optimizer: Optimizer | LoopOptimizer) -> None:
+        """Only ``optimizer``'s parameters require grad until ``untoggle_optimizer``, so a loss reaching
+        another optimizer's parameters (a GAN's discriminator) leaves them without gradients."""
+        saved: dict[Tensor, bool] = {}
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                for param in group["params"]:
+                    if param not in saved:
+                        saved[param] = param.requires_grad
+                        param.requires_grad = False
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                param.requires_grad = saved[param]
+        self._param_requires_grad_state = saved
+
+    def untoggle_optimizer(self, optimizer: Optimizer | LoopOptimizer) -> None:
+        """Give the other optimizers' parameters back the ``requires_grad`` they had before ``toggle_optimizer``."""
+        toggled = optimizer.optimizer if isinstance(optimizer, LoopOptimizer) else optimizer
+        saved = self._param_requires_grad_state
+        for opt in self.trainer.optimizers:
+            if opt is toggled:
+                continue
+            for group in opt.param_groups:
+                for param in group["params"]:
+                    if param in saved:
+                        param.requires_grad = saved[param]
+        self._param_requires_grad_state = {}
+
+    @contextlib.contextmanager
+    def toggled_optimizer(self, optimizer: Optimizer | LoopOptimizer) -> Iterator[None]:
+        """``toggle_optimizer`` for the ``with`` block, then ``untoggle_optimizer``."""
+        self.toggle_optimizer(optimizer)
+        try:
+            yield
+        finally:
+            self.untoggle_optimizer(optimizer)
+
+    def clip_gradients(self, optimizer: Optimizer | LoopOptimizer, gradient_clip_val: float | None = None,
+                       gradient_clip_algorithm: str | None = None) -> None:
+        """Clip ``optimizer``'s gradients (their true size under "16-mixed"): by total norm ("norm", the
+        default) or by value; the Trainer's ``gradient_clip_val`` / ``gradient_clip_algorithm`` when not given."""
+        trainer = self.trainer
+        if gradient_clip_val is None:
+            gradient_clip_val = trainer.gradient_clip_val or 0.0
+        elif trainer.gradient_clip_val is not None and trainer.gradient_clip_val != gradient_clip_val:
+            raise MisconfigurationError(
+                f"clip_gradients(gradient_clip_val={gradient_clip_val!r}) contradicts "
+                f"Trainer(gradient_clip_val={trainer.gradient_clip_val!r}): set one of them.")
+        if gradient_clip_algorithm is None:
+            gradient_clip_algorithm = trainer.gradient_clip_algorithm or "norm"
+        else:
+            gradient_clip_algorithm = gradient_clip_algorithm.lower()
+            # The Trainer's algorithm counts only where it clips: its default is not a choice made.
+            if trainer.gradient_clip_val is not None and trainer.gradient_clip_algorithm != gradient_clip_algorithm:
+                raise MisconfigurationError(
+                    f"clip_gradients(gradient_clip_algorithm={gradient_clip_algorithm!r}) contradicts "
+                    f"Trainer(gradient_clip_algorithm={trainer.gradient_clip_algorithm!r}): set one of them.")
+        if not isinstance(gradient_clip_val, (int, float)):
+            raise TypeError(f"gradient_clip_val must be an int or a float; got {gradient_clip_val!r}.")
+        if gradient_clip_algorithm not in ("norm", "value"):
+            raise MisconfigurationError(f"gradient_clip_algorithm={gradient_clip_algorithm!r}: use 'norm' or 'value'.")
+        if gradient_clip_val <= 0:
+            return
+        raw = optimizer.optimizer if isinstance(optimizer, LoopOptimizer) else optimizer
+        strategy = trainer.strategy
+        clip = strategy.clip_gradients if self.automatic_optimization else strategy.manual_clip_gradients
+        clip(raw, gradient_clip_val, gradient_clip_algorithm)
+
+    # ------------------------------------------------------------ data (Lightning's DataHooks)
+    prepare_data_per_node: bool = True  # prepare_data on local rank zero of every node (False: global rank zero)
+
+    def prepare_data(self) -> None:
+        """Download or preprocess once per node (or per job), before ``setup`` on every rank."""
+
+    def train_dataloader(self) -> Any:
+        """The training data when ``fit`` is given none and no datamodule."""
+        raise MisconfigurationError(f"{type(self).__name__} does not define `train_dataloader()`.")
+
+    def val_dataloader(self) -> Any:
+        raise MisconfigurationError(f"{type(self).__name__} does not define `val_dataloader()`.")
+
+    def test_dataloader(self) -> Any:
+        raise MisconfigurationError(f"{type(self).__name__} does not define `test_dataloader()`.")
+
+    def predict_dataloader(self) -> Any:
+        raise MisconfigurationError(f"{type(self).__name__} does not define `predict_dataloader()`.")
+
     # ------------------------------------------------------------ hooks (no-ops)
+    def configure_model(self) -> None:
+        """Build (large) layers here, under the strategy, before it wraps the module; called every run."""
+
+    def on_exception(self, exception: BaseException) -> None: ...
     def setup(self, stage: str) -> None: ...
     def teardown(self, stage: str) -> None: ...
     def on_fit_start(self) -> None: ...
@@ -110,20 +321,20 @@ class LoopModule(nn.Module):
     def on_validation_end(self) -> None: ...
     def on_validation_epoch_start(self) -> None: ...
     def on_validation_epoch_end(self) -> None: ...
-    def on_validation_batch_start(self, batch: Any, batch_idx: int) -> None: ...
-    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None: ...
+    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_validation_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
     def on_test_start(self) -> None: ...
     def on_test_end(self) -> None: ...
     def on_test_epoch_start(self) -> None: ...
     def on_test_epoch_end(self) -> None: ...
-    def on_test_batch_start(self, batch: Any, batch_idx: int) -> None: ...
-    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None: ...
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_test_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
     def on_predict_start(self) -> None: ...
     def on_predict_end(self) -> None: ...
     def on_predict_epoch_start(self) -> None: ...
     def on_predict_epoch_end(self) -> None: ...
-    def on_predict_batch_start(self, batch: Any, batch_idx: int) -> None: ...
-    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None: ...
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None: ...
     def on_before_backward(self, loss: Tensor) -> None: ...
     def on_after_backward(self) -> None: ...
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None: ...
@@ -144,12 +355,19 @@ class LoopModule(nn.Module):
         prog_bar: bool = False,
         logger: bool = True,
         batch_size: int | None = None,
+        add_dataloader_idx: bool = True,
+        rank_zero_only: bool = False,
+        enable_graph: bool = False,
+        metric_attribute: str | None = None,
     ) -> None:
         """Log a number, scalar tensor or torchmetrics ``Metric`` from a hook the Trainer runs.
 
         Defaults follow Lightning: step values in ``training_step`` and the training batch
         hooks, epoch values everywhere else. An epoch mean is weighted by ``batch_size``
-        (found from the batch when not given).
+        (found from the batch when not given). With several evaluation dataloaders the name
+        gets Lightning's ``/dataloader_idx_N`` suffix unless ``add_dataloader_idx=False``.
+        ``rank_zero_only`` values are not synced (only rank zero logs them); ``enable_graph``
+        is accepted for Lightning code: logged values are always detached.
         """
         ctx = self.log_context
         results, fx = ctx.results, ctx.fx
@@ -158,6 +376,8 @@ class LoopModule(nn.Module):
                 f"`self.log({name!r}, ...)` was called outside a hook the Trainer runs "
                 f"(current hook: {fx!r}); log from a step or epoch hook."
             )
+        if ctx.dataloader_idx is not None and add_dataloader_idx:
+            name = f"{name}/dataloader_idx_{ctx.dataloader_idx}"
         step_hook = fx in _STEP_HOOKS
         if on_step is None:
             on_step = step_hook
@@ -168,9 +388,11 @@ class LoopModule(nn.Module):
             args = (on_step, on_epoch, reduce_fx, sync_dist, prog_bar, logger, None)
             if size.__class__ is int and results.try_log(fx + "." + name, args, value, size):
                 return
-        metric_attribute = None
+        if rank_zero_only and sync_dist:
+            raise MisconfigurationError(f"`self.log({name!r}, ..., rank_zero_only=True, sync_dist=True)`: a value "
+                                        "only rank zero logs cannot be synced across ranks; drop one of them.")
         if not isinstance(value, (Tensor, int, float)) and isinstance(value, Metric):
-            metric_attribute = self._metric_attribute(value, name)
+            metric_attribute = metric_attribute or self._metric_attribute(value, name)
         elif on_epoch and batch_size is None:
             batch_size = ctx.batch_size
             if batch_size is None:
@@ -197,6 +419,19 @@ class LoopModule(nn.Module):
                 "(e.g. `self.acc = Accuracy(...)` in `__init__`) so its state can be checkpointed."
             )
         return found
+
+def _apply_to_tensors(data: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    if isinstance(data, Tensor):
+        return fn(data)
+    if isinstance(data, (int, float)):
+        return fn(torch.tensor(data))
+    if isinstance(data, Mapping):
+        return type(data)({k: _apply_to_tensors(v, fn) for k, v in data.items()})  # type: ignore[call-arg]
+    if isinstance(data, (list, tuple)):
+        items = [_apply_to_tensors(v, fn) for v in data]
+        return type(data)(*items) if hasattr(data, "_fields") else type(data)(items)
+    return data
+
 
 def takes_argument(fn: Callable, name: str, position: int) -> bool:
     """Whether ``fn`` (a bound step or hook) accepts ``name``: by name, or through ``*args`` at

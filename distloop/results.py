@@ -47,6 +47,7 @@ _STATE_FORMAT = 1
 FLAG_BITS = 8  # the flags a sync point agrees on: bits 0 to 7, each OR-ed over ranks
 FOLD_EVERY = 64  # waiting epoch values folded together
 _SMALL_BASE = 64  # a view of a tensor of at most this many elements may wait: keeping it alive costs nothing
+_LAST = "#last"  # suffix of a synced step value's key in an epoch read
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ class ResultCollection:
         # Sync point kind -> the layout every rank held at its last one. It changes only at
         # sync points, alike on every rank, so every rank can size buffers from it.
         self._agreed: dict[str, tuple] = {}
+        self._epoch_read = False  # since the last clear: step values then go by their epoch names
 
     # ------------------------------------------------------------------ logging
     def log(
@@ -279,7 +281,11 @@ class ResultCollection:
         if value.ndim or value.dtype is not acc.dtype:
             return False
         base = value._base
-        if value._version or value is result.last or (base is not None and base.numel() > _SMALL_BASE):
+        try:
+            changed = value._version
+        except RuntimeError:  # an inference tensor (evaluation under inference_mode) has no version: fold it now
+            changed = 1
+        if changed or value is result.last or (base is not None and base.numel() > _SMALL_BASE):
             result.accumulate(value, batch_size)  # it may change later, or would keep a large tensor alive
         else:
             pending = result.pending
@@ -321,6 +327,36 @@ class ResultCollection:
                      bool(prog_bar), bool(logger), metric_attribute)
 
     # ------------------------------------------------------------------ reading
+    def step_values(self) -> dict[str, Tensor]:
+        """The latest rank-local step values (not ``sync_dist``), under ``callback_metrics`` names:
+        no collective and no host sync, so a monitor may read them after any batch. Empty once the
+        epoch's values were read (they then take the plain names)."""
+        if self._epoch_read:
+            return {}
+        out: dict[str, Tensor] = {}
+        for r in self._items.values():
+            meta = r.meta
+            if not meta.on_step or meta.sync_dist:
+                continue
+            value = r.last
+            if r.metric is not None:
+                cache = r.metric._forward_cache
+                value = cache if isinstance(cache, Tensor) else None
+            if value is None:
+                continue
+            out[meta.name] = value
+            if meta.forked:
+                out[meta.name + "_step"] = value
+        return out
+
+    def is_synced_step_value(self, name: str) -> bool:
+        """Whether ``name`` (plain or ``_step``) is a ``sync_dist`` step value of this collection."""
+        for r in self._items.values():
+            meta = r.meta
+            if meta.on_step and meta.sync_dist and name in (meta.name, meta.name + "_step"):
+                return True
+        return False
+
     def metrics(self, on_step: bool, flags: int = 0) -> MetricsRead:
         """The step (``on_step=True``) or epoch values, split by consumer.
 
@@ -342,7 +378,15 @@ class ResultCollection:
                     requests.append((key, r.meta.reduce_fx, r.last, r.last.dtype))
             elif r.value is not None:
                 requests.extend(_accumulator_requests(key, r))
+        last_steps: list[_Result] = []
+        if not on_step and self.training:  # the last step's synced values ride in the epoch read's collective
+            for key, r in self._items.items():
+                if r.meta.on_step and r.meta.sync_dist and r.metric is None and r.last is not None:
+                    requests.append((key + _LAST, r.meta.reduce_fx, r.last, r.last.dtype))
+                    last_steps.append(r)
         reduced, agreed = self._reduce(requests, "step" if on_step else "epoch", flags)
+        if not on_step:
+            self._epoch_read = True
 
         out = MetricsRead({}, {}, {}, agreed)
         for r, key in read:
@@ -358,6 +402,9 @@ class ResultCollection:
                 out.callback[forked] = value
             if meta.prog_bar:
                 out.pbar[forked] = value
+        for r in last_steps:
+            value = reduced.get(r.meta.fx + "." + r.meta.name + _LAST, r.last)
+            out.callback[r.meta.name + "_step" if r.meta.forked else r.meta.name] = value
         return out
 
     @staticmethod
@@ -542,6 +589,7 @@ class ResultCollection:
         self._items = {}
         self._layout_cache = None
         self._synced = False
+        self._epoch_read = False
         metrics = metrics or {}
         for key, item in state_dict["items"].items():
             meta = _Meta(**item["meta"])
@@ -590,6 +638,7 @@ class ResultCollection:
             metric.reset()
         self._items.clear()
         self._layout_cache = None
+        self._epoch_read = False
 
     def keys(self) -> list[str]:
         return list(self._items)

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Collection, Protocol, runtime_checkable
 
 from torch import Tensor
 
 from distloop.checkpoint import FORMAT, VERSION, CheckpointError
 from distloop.errors import MisconfigurationError
+from distloop.hparams import checkpoint_hparams, hparams_name
 from distloop.rng import capture_rng, restore_rng
 
 
@@ -49,6 +50,11 @@ class StateFn:
 
 
 HEADER = ("format", "version", "global_step", "epoch", "world_size")
+# What a weights-only checkpoint keeps (``ModelCheckpoint(save_weights_only=True)``), besides the header.
+WEIGHTS_ONLY_PARTS = ("state_dict", "hyper_parameters", "hparams_name", "datamodule_hyper_parameters",
+                      "datamodule_hparams_name")
+# What ``fit`` restores before ``on_fit_start``, as Lightning does; the rest loads after it.
+MODULE_PARTS = ("state_dict", "callbacks")
 
 
 class RunState:
@@ -81,17 +87,24 @@ class RunState:
             raise TypeError(f"Checkpoint part {name!r} needs state_dict() and load_state_dict(); "
                             f"{type(part).__name__} lacks them.")
 
-    def state_dict(self, global_step: int, epoch: int, world_size: int) -> dict[str, Any]:
-        """The checkpoint: header, then every part. Call it on every rank (parts may be collectives)."""
+    def state_dict(self, global_step: int, epoch: int, world_size: int,
+                   only: Collection[str] | None = None) -> dict[str, Any]:
+        """The checkpoint: header, then every part (or the parts named in ``only``). Call it on
+        every rank (parts may be collectives)."""
         state: dict[str, Any] = {"format": FORMAT, "version": VERSION, "global_step": global_step,
                                  "epoch": epoch, "world_size": world_size}
         for name, part in {**self._parts, **self._last}.items():
-            state[name] = part.state_dict()
+            if only is None or name in only:
+                state[name] = part.state_dict()
         return state
 
-    def load_state_dict(self, checkpoint: dict[str, Any], path: str) -> None:
-        """Restore every part from ``checkpoint`` (read from ``path``, named in errors)."""
+    def load_state_dict(self, checkpoint: dict[str, Any], path: str, only: Collection[str] | None = None,
+                        skip: Collection[str] = ()) -> None:
+        """Restore the parts (those in ``only``, less those in ``skip``) from ``checkpoint``, read
+        from ``path`` (named in errors)."""
         for name, part in {**self._parts, **self._last}.items():
+            if (only is not None and name not in only) or name in skip:
+                continue
             if name not in checkpoint:
                 warnings.warn(f"{path} has no {name!r} part; it keeps its current state.", stacklevel=2)
                 continue
@@ -119,6 +132,13 @@ def trainer_state(trainer: Any) -> RunState:
     state.register("loops", StateFn(  # syncs logged values across ranks: a collective
         lambda: {"fit_loop": trainer.fit_loop.state_dict()}, lambda s: trainer.fit_loop.load_state_dict(s["fit_loop"])))
     state.register("config", StateFn(lambda: trainer.config, lambda s: None))  # a record of the run, not restored
+    # Lightning's keys for the saved hparams, as plain data: what load_from_checkpoint builds the
+    # module and datamodule from; nothing to restore in a run, whose objects are built already.
+    state.register("hyper_parameters", StateFn(lambda: checkpoint_hparams(trainer.module), lambda s: None))
+    state.register("hparams_name", StateFn(lambda: hparams_name(trainer.module), lambda s: None))
+    state.register("datamodule_hyper_parameters", StateFn(lambda: checkpoint_hparams(trainer.datamodule),
+                                                          lambda s: None))
+    state.register("datamodule_hparams_name", StateFn(lambda: hparams_name(trainer.datamodule), lambda s: None))
     state.register_last("rng", StateFn(  # every rank's own streams, restored on the rank of the same number
         lambda: strategy.gather_object(capture_rng()),
         lambda s: restore_rng(s[trainer.global_rank]) if trainer.global_rank < len(s) else None))

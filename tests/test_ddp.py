@@ -185,6 +185,15 @@ def test_resumable_sampler_shards_without_loss():
     assert list(other_epoch) != full
 
 
+def test_resumed_last_batches_repeat_the_samples_an_uninterrupted_epoch_repeats():
+    n, ranks, offset = 11, 2, 8  # 11 samples on 2 ranks: the epoch pads one; resume in its last batches
+    for rank in range(ranks):
+        whole = list(ResumableSampler(n, ranks, rank, shuffle=True, seed=4))
+        resumed = ResumableSampler(n, ranks, rank, shuffle=True, seed=4)
+        resumed.set_epoch(0, offset=offset)
+        assert list(resumed) == whole[offset // ranks:]
+
+
 def _rank_zero(rank, world_size, path):
     from distloop import rank_zero_only
 

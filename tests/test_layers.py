@@ -6,7 +6,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "distloop"
 
 LAYERS = {
-    0: ["errors", "arguments", "optim", "control", "results", "progress", "data", "checkpoint", "rng"],
+    0: ["errors", "arguments", "optim", "control", "results", "progress", "data", "checkpoint", "rng",
+        "hparams", "stages"],
     1: ["strategies", "module", "datamodule", "rank_zero"],
     2: ["loops", "examples"],
     3: ["callbacks", "loggers"],

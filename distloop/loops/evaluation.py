@@ -1,22 +1,48 @@
-"""Evaluation loop: one pass over a validation or test dataloader, without gradients."""
+"""Evaluation loop: one pass over the validation or test dataloaders, without gradients."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
 from distloop.loops.fetcher import BatchIterator, next_batch
 from distloop.loops.loop import Loop
+from distloop.module import LoopModule, takes_argument
 from distloop.progress import BatchProgress
 from distloop.results import ResultCollection
+from distloop.stages import RunningStage
+
+_SUFFIX = "/dataloader_idx_"
+
+
+def is_loader_sequence(source: Any) -> bool:
+    """Whether ``source`` is a list of loaders rather than one loader that is a list of batches:
+    its items are iterables (a DataLoader, a list of batches), not batches (tensors, tuples, dicts)."""
+    return isinstance(source, (list, tuple)) and bool(source) and all(
+        isinstance(item, Iterable) and not isinstance(item, (torch.Tensor, tuple, Mapping, str)) for item in source)
+
+
+def as_dataloader_list(dataloaders: Any, max_batches: Any) -> tuple[list[Iterable], list[float]]:
+    """One loader and its batch count, or a list of each (what ``trainer.num_val_batches`` holds)."""
+    loaders = list(dataloaders) if is_loader_sequence(dataloaders) else [dataloaders]
+    if isinstance(max_batches, Sequence):
+        limits = [float(n) for n in max_batches]
+    else:
+        limits = [float(max_batches)] * len(loaders)
+    if len(limits) != len(loaders):
+        raise ValueError(f"{len(loaders)} dataloaders but {len(limits)} batch limits.")
+    return loaders, limits
 
 
 class EvaluationLoop(Loop):
-    """Runs ``validation_step`` (``stage="validate"``) or ``test_step`` (``stage="test"``) per batch.
+    """Runs ``validation_step`` (``stage="validate"``) or ``test_step`` (``stage="test"``) per batch,
+    dataloader after dataloader (Lightning's "sequential" mode), with the epoch hooks once around all.
 
-    ``run(dataloader, max_batches)`` returns the epoch metrics it logged.
+    ``run(dataloaders, max_batches)`` takes one loader or a list (with one limit or a list) and
+    returns one dict of logged epoch metrics per dataloader. With several dataloaders, the step
+    and batch hooks get ``dataloader_idx`` and logged names take the ``/dataloader_idx_N`` suffix.
     """
 
     def __init__(self, stage: str = "validate") -> None:
@@ -28,53 +54,107 @@ class EvaluationLoop(Loop):
                             for part in ("start", "epoch_start", "batch_start", "batch_end", "epoch_end", "end")}
         self.batch_progress = BatchProgress()
         self.results = ResultCollection(training=False)
+        self.dataloader_idx = 0
+        self._loaders: list[Iterable] = []
+        self._limits: list[float] = []
         self._batches: BatchIterator | None = None
+        self._step_fn: Any = None
+        self._pass_batch_idx = True
         self._was_training = False
         self._outer_results: ResultCollection | None = None
+        self._outer_stage: RunningStage | None = None
+
+    @property
+    def num_dataloaders(self) -> int:
+        return len(self._loaders)
 
     @property
     def done(self) -> bool:
-        return self.batch_progress.is_last_batch
+        return self.batch_progress.is_last_batch and self.dataloader_idx >= len(self._loaders) - 1
 
     def reset(self) -> None:
         self.batch_progress.reset_on_run()
         self.results.clear()
+        self.dataloader_idx = 0
 
-    def on_run_start(self, dataloader: Any, max_batches: float = math.inf) -> None:
+    def on_run_start(self, dataloaders: Any, max_batches: Any = math.inf) -> None:
         trainer, module = self.trainer, self.trainer.module
+        self._loaders, self._limits = as_dataloader_list(dataloaders, max_batches)
+        self._outer_stage = trainer.state.stage
+        if trainer.state.stage != RunningStage.SANITY_CHECKING:
+            trainer.state.stage = RunningStage.VALIDATING if self.stage == "validate" else RunningStage.TESTING
         self._was_training = module.training
         module.eval()
         self._outer_results, module.log_context.results = module.log_context.results, self.results
         self.results.device = trainer.strategy.root_device
         self.results.sync_fn = trainer.metrics_sync_fn
-        self._batches = BatchIterator(dataloader, max_batches)
+        self._step_fn = getattr(module, self._step_name)
+        self._pass_batch_idx = takes_argument(self._step_fn, "batch_idx", 1)
+        self._check_dataloader_idx(module)
+        self._start_dataloader(0)
         trainer.hooks(self._hook_names["start"])
         trainer.hooks(self._hook_names["epoch_start"])
 
-    def advance(self, dataloader: Any, max_batches: float = math.inf) -> None:
+    def _check_dataloader_idx(self, module: Any) -> None:
+        """Lightning's rule: several dataloaders need ``dataloader_idx`` in the step and batch hooks."""
+        if len(self._loaders) < 2:
+            return
+        for name in (self._step_name, self._hook_names["batch_start"], self._hook_names["batch_end"]):
+            fn = getattr(module, name)
+            if getattr(type(module), name) is not getattr(LoopModule, name, None) and \
+                    not takes_argument(fn, "dataloader_idx", 99):
+                raise RuntimeError(
+                    f"You passed {len(self._loaders)} {self.stage} dataloaders, but `{type(module).__name__}.{name}()` "
+                    "has no `dataloader_idx` argument: add `dataloader_idx=0` to its signature.")
+
+    def _start_dataloader(self, idx: int) -> None:
+        self.dataloader_idx = idx
+        self.batch_progress.current.reset()
+        self.batch_progress.is_last_batch = self._limits[idx] == 0
+        self._batches = BatchIterator(self._loaders[idx], self._limits[idx])
+        self.trainer.module.log_context.dataloader_idx = idx if len(self._loaders) > 1 else None
+
+    def advance(self, dataloaders: Any, max_batches: Any = math.inf) -> None:
         assert self._batches is not None
         trainer, module, progress = self.trainer, self.trainer.module, self.batch_progress
+        while progress.is_last_batch and self.dataloader_idx < len(self._loaders) - 1:
+            self._start_dataloader(self.dataloader_idx + 1)
+        if progress.is_last_batch:  # every remaining dataloader was empty
+            raise StopIteration
         batch, batch_idx = next_batch(self._batches, progress, trainer.strategy)
+        extra = (self.dataloader_idx,) if len(self._loaders) > 1 else ()
         module.log_context.batch, module.log_context.batch_size = batch, None
-        trainer.hooks(self._hook_names["batch_start"], batch, batch_idx)
+        trainer.hooks(self._hook_names["batch_start"], batch, batch_idx, *extra)
         progress.increment_started()
         module.log_context.fx = self._step_name
+        args = (batch, batch_idx, *extra) if self._pass_batch_idx else (batch, *extra)
         try:
-            with torch.no_grad(), trainer.strategy.autocast():
-                outputs = getattr(module, self._step_name)(batch, batch_idx)
+            with (torch.inference_mode() if trainer.inference_mode else torch.no_grad()), trainer.strategy.autocast():
+                outputs = self._step_fn(*args)
         finally:
             module.log_context.fx = None
         progress.increment_processed()
-        trainer.hooks(self._hook_names["batch_end"], outputs, batch, batch_idx)
+        trainer.hooks(self._hook_names["batch_end"], outputs, batch, batch_idx, *extra)
         progress.increment_completed()
 
-    def on_run_end(self) -> dict[str, float]:
+    def on_run_end(self) -> list[dict[str, float]]:
         trainer, module = self.trainer, self.trainer.module
+        module.log_context.dataloader_idx = None
         trainer.hooks.module(self._hook_names["epoch_end"])
         metrics = {} if trainer.sanity_checking else trainer.read_metrics(self.results, on_step=False)
         trainer.hooks.callbacks(self._hook_names["epoch_end"])
         trainer.hooks(self._hook_names["end"])
         module.log_context.results = self._outer_results
+        trainer.state.stage = self._outer_stage
         if self._was_training:
             module.train()
-        return metrics
+        return split_by_dataloader(metrics, len(self._loaders))
+
+
+def split_by_dataloader(metrics: dict[str, float], count: int) -> list[dict[str, float]]:
+    """Per dataloader: its suffixed metrics and those logged without a suffix (Lightning's result lists)."""
+    if count <= 1:
+        return [dict(metrics)]
+    return [{k: v for k, v in metrics.items() if _SUFFIX not in k or k.endswith(f"{_SUFFIX}{i}")}
+            for i in range(count)]
+

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from distloop.loops.loop import Loop
-from distloop.optim import step_schedulers
 from distloop.loops.training_epoch import TrainingEpochLoop
+from distloop.optim import step_schedulers
 from distloop.progress import Progress
+from distloop.stages import RunningStage
 
 
 class FitLoop(Loop):
     """``advance`` = one epoch: ``epoch_loop.run(train_dataloader)``, then the epoch-end hooks."""
 
-    def __init__(self, min_epochs: int = 0, max_epochs: int = 1000) -> None:
+    def __init__(self, min_epochs: int = 0, max_epochs: int = 1000, min_steps: int | None = None) -> None:
         super().__init__()
         self.min_epochs = min_epochs
         self.max_epochs = max_epochs
+        self.min_steps = min_steps
         self.epoch_progress = Progress()
         self.epoch_loop = TrainingEpochLoop()
 
@@ -30,7 +32,14 @@ class FitLoop(Loop):
             return True
         if self.max_epochs != -1 and epochs >= self.max_epochs:
             return True
-        return trainer.stopping and epochs >= self.min_epochs
+        return trainer.stopping and self.can_stop_early
+
+    @property
+    def can_stop_early(self) -> bool:
+        """Whether a stop (``should_stop``) may end training now: ``min_epochs`` and ``min_steps`` are reached."""
+        trainer = self.trainer
+        return self.epoch_progress.current.processed >= self.min_epochs and (
+            self.min_steps is None or trainer.global_step >= self.min_steps)
 
     @property
     def skip(self) -> bool:
@@ -44,6 +53,7 @@ class FitLoop(Loop):
         trainer = self.trainer
         if not self.restarting:
             self.run_sanity_check()
+        trainer.state.stage = RunningStage.TRAINING
         trainer.hooks("on_train_start")
 
     def run_sanity_check(self) -> None:
@@ -52,14 +62,13 @@ class FitLoop(Loop):
         steps = trainer.num_sanity_val_steps
         if steps == 0 or not trainer.has_validation:
             return
-        trainer.sanity_checking = True
+        trainer.state.stage = RunningStage.SANITY_CHECKING
         try:
             trainer.hooks.callbacks("on_sanity_check_start")
-            limit = trainer.num_val_batches if steps == -1 else min(steps, trainer.num_val_batches)
-            val_loop.run(trainer.val_dataloader, limit)
+            val_loop.run(trainer.val_dataloaders, trainer.num_sanity_val_batches)
             trainer.hooks.callbacks("on_sanity_check_end")
         finally:
-            trainer.sanity_checking = False
+            trainer.state.stage = None
         val_loop.results.clear()
 
     def on_advance_start(self) -> None:
@@ -77,7 +86,10 @@ class FitLoop(Loop):
         trainer.hooks.module("on_train_epoch_end")
         trainer.read_metrics(self.epoch_loop.results, on_step=False)
         trainer.hooks.callbacks("on_train_epoch_end")
-        step_schedulers(trainer.lr_scheduler_configs, "epoch", trainer.current_epoch + 1, trainer.callback_metrics)
+        if self.epoch_loop.epoch_finished and trainer.module.automatic_optimization:
+            # plateau schedulers need this epoch's values; the others stepped after the epoch's last batch
+            plateaus = [c for c in trainer.lr_scheduler_configs if c.reduce_on_plateau]
+            step_schedulers(plateaus, "epoch", trainer.current_epoch + 1, trainer.callback_metrics)
         trainer.agree_stop("on_train_epoch_end")
         self.epoch_progress.increment_completed()
         # Between epochs the run can be resumed exactly; a checkpoint written here must hold

@@ -1,52 +1,79 @@
-"""Prediction loop: ``predict_step`` over a dataloader, collecting what it returns."""
+"""Prediction loop: ``predict_step`` over one or several dataloaders, collecting what it returns."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
+from distloop.loops.evaluation import as_dataloader_list
 from distloop.loops.fetcher import BatchIterator, next_batch
 from distloop.loops.loop import Loop
+from distloop.module import takes_argument
 from distloop.progress import BatchProgress
+from distloop.stages import RunningStage
 
 
 class PredictionLoop(Loop):
+    """``run(dataloaders, max_batches)`` returns one list of ``predict_step`` outputs per dataloader."""
+
     def __init__(self) -> None:
         super().__init__()
         self.batch_progress = BatchProgress()
-        self.predictions: list[Any] = []
+        self.predictions: list[list[Any]] = []
+        self.dataloader_idx = 0
+        self._loaders: list[Iterable] = []
+        self._limits: list[float] = []
         self._batches: BatchIterator | None = None
+        self._pass_batch_idx = True
 
     @property
     def done(self) -> bool:
-        return self.batch_progress.is_last_batch
+        return self.batch_progress.is_last_batch and self.dataloader_idx >= len(self._loaders) - 1
 
     def reset(self) -> None:
         self.batch_progress.reset_on_run()
         self.predictions = []
+        self.dataloader_idx = 0
 
-    def on_run_start(self, dataloader: Any, max_batches: float = math.inf) -> None:
-        self.trainer.module.eval()
-        self._batches = BatchIterator(dataloader, max_batches)
-        self.trainer.hooks("on_predict_start")
-        self.trainer.hooks("on_predict_epoch_start")
+    def on_run_start(self, dataloaders: Any, max_batches: Any = math.inf) -> None:
+        trainer = self.trainer
+        self._loaders, self._limits = as_dataloader_list(dataloaders, max_batches)
+        self.predictions = [[] for _ in self._loaders]
+        trainer.state.stage = RunningStage.PREDICTING
+        trainer.module.eval()
+        self._pass_batch_idx = takes_argument(trainer.module.predict_step, "batch_idx", 1)
+        self._start_dataloader(0)
+        trainer.hooks("on_predict_start")
+        trainer.hooks("on_predict_epoch_start")
 
-    def advance(self, dataloader: Any, max_batches: float = math.inf) -> None:
+    def _start_dataloader(self, idx: int) -> None:
+        self.dataloader_idx = idx
+        self.batch_progress.current.reset()
+        self.batch_progress.is_last_batch = self._limits[idx] == 0
+        self._batches = BatchIterator(self._loaders[idx], self._limits[idx])
+
+    def advance(self, dataloaders: Any, max_batches: Any = math.inf) -> None:
         assert self._batches is not None
         trainer, module, progress = self.trainer, self.trainer.module, self.batch_progress
+        while progress.is_last_batch and self.dataloader_idx < len(self._loaders) - 1:
+            self._start_dataloader(self.dataloader_idx + 1)
+        if progress.is_last_batch:
+            raise StopIteration
         batch, batch_idx = next_batch(self._batches, progress, trainer.strategy)
-        trainer.hooks("on_predict_batch_start", batch, batch_idx)
+        extra = (self.dataloader_idx,) if len(self._loaders) > 1 else ()
+        trainer.hooks("on_predict_batch_start", batch, batch_idx, *extra)
         progress.increment_started()
-        with torch.no_grad(), trainer.strategy.autocast():
-            outputs = module.predict_step(batch, batch_idx)
+        args = (batch, batch_idx, *extra) if self._pass_batch_idx else (batch, *extra)
+        with (torch.inference_mode() if trainer.inference_mode else torch.no_grad()), trainer.strategy.autocast():
+            outputs = module.predict_step(*args)
         progress.increment_processed()
-        self.predictions.append(outputs)
-        trainer.hooks("on_predict_batch_end", outputs, batch, batch_idx)
+        self.predictions[self.dataloader_idx].append(outputs)
+        trainer.hooks("on_predict_batch_end", outputs, batch, batch_idx, *extra)
         progress.increment_completed()
 
-    def on_run_end(self) -> list[Any]:
+    def on_run_end(self) -> list[list[Any]]:
         self.trainer.hooks("on_predict_epoch_end")
         self.trainer.hooks("on_predict_end")
         return self.predictions

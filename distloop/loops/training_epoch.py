@@ -9,8 +9,10 @@ from distloop.data import set_epoch
 from distloop.loops.evaluation import EvaluationLoop
 from distloop.loops.fetcher import BatchIterator, next_batch
 from distloop.loops.loop import Loop
+from distloop.loops.manual_optimization import ManualOptimization
 from distloop.loops.optimization import AutomaticOptimization
 from distloop.module import batch_size_of
+from distloop.optim import step_schedulers
 from distloop.progress import BatchProgress, OptimizationProgress
 from distloop.results import ResultCollection
 
@@ -28,7 +30,9 @@ class TrainingEpochLoop(Loop):
         self.optim_progress = OptimizationProgress()
         self.results = ResultCollection(training=True)
         self.val_loop = EvaluationLoop("validate")
-        self.optimization = AutomaticOptimization(self.optim_progress)
+        self.automatic_optimization = AutomaticOptimization(self.optim_progress)
+        self.manual_optimization = ManualOptimization(self.optim_progress)
+        self.optimization: AutomaticOptimization | ManualOptimization = self.automatic_optimization  # this run's
         self.samples_seen = 0  # global: summed over ranks, the data position within the epoch
         self._accumulating = False
         self._batches: BatchIterator | None = None
@@ -39,14 +43,23 @@ class TrainingEpochLoop(Loop):
         if val_loop is not None:
             self.val_loop = val_loop
 
+    def _select_optimization(self) -> AutomaticOptimization | ManualOptimization:
+        """Per run, as the module says: Lightning's automatic or manual optimization."""
+        trainer = self.trainer
+        if trainer.module.automatic_optimization:
+            return self.automatic_optimization
+        self.manual_optimization.connect(trainer)
+        return self.manual_optimization
+
     @property
     def done(self) -> bool:
         trainer = self._trainer
         if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
             return True
-        return self.batch_progress.is_last_batch or trainer.stopping
+        return self.batch_progress.is_last_batch or (trainer.stopping and trainer.fit_loop.can_stop_early)
 
     def reset(self) -> None:
+        self.optimization = self._select_optimization()
         if self.restarting:
             self.batch_progress.reset_on_restart()
             self.optim_progress.reset_on_restart()
@@ -65,7 +78,8 @@ class TrainingEpochLoop(Loop):
         self._validates = trainer.has_validation
         set_epoch(dataloader, trainer.current_epoch, self.samples_seen)
         done = self.batch_progress.current.completed
-        limit = math.inf if trainer.limit_train_batches == 1.0 else trainer.num_training_batches - done
+        whole = type(trainer.limit_train_batches) is float and trainer.limit_train_batches == 1.0  # not the int 1
+        limit = math.inf if whole else trainer.num_training_batches - done
         self._batches = BatchIterator(dataloader, limit)
 
     def advance(self, dataloader: Any) -> None:
@@ -77,6 +91,8 @@ class TrainingEpochLoop(Loop):
         self._accumulating = (batch_idx + 1) % trainer.accumulate_grad_batches != 0 and not progress.is_last_batch
         outputs = self.optimization.run(trainer, batch, batch_idx, self._accumulating)
         progress.increment_processed()
+        if progress.is_last_batch and trainer.lr_scheduler_configs:  # Lightning: before the batch-end hooks
+            self.step_epoch_schedulers()
         trainer.hooks("on_train_batch_end", outputs, batch, batch_idx)
         progress.increment_completed()
         if progress.total.completed % trainer.log_every_n_steps == 0:
@@ -96,10 +112,24 @@ class TrainingEpochLoop(Loop):
     def on_advance_end(self) -> None:
         trainer = self._trainer
         if self._validates and self._should_validate():
-            self.val_loop.run(trainer.val_dataloader, trainer.num_val_batches)
+            self.val_loop.run(trainer.val_dataloaders, trainer.num_val_batches)
             trainer.module.log_context.results = self.results
         if not self._accumulating:
             trainer.at_resumable_point()
+
+    @property
+    def epoch_finished(self) -> bool:
+        """Whether the epoch ran all its batches (not cut short by a stop or ``max_steps``)."""
+        return self.batch_progress.is_last_batch
+
+    def step_epoch_schedulers(self) -> None:
+        """The epoch-interval schedulers, except ``ReduceLROnPlateau`` (the fit loop steps those once the
+        epoch's values are read)."""
+        trainer = self.trainer
+        if not trainer.module.automatic_optimization:  # Lightning: manual optimization steps its own schedulers
+            return
+        configs = [c for c in trainer.lr_scheduler_configs if not c.reduce_on_plateau]
+        step_schedulers(configs, "epoch", trainer.current_epoch + 1, trainer.callback_metrics)
 
     def on_save_checkpoint(self) -> dict:
         return {"samples_seen": self.samples_seen}
