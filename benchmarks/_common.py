@@ -52,6 +52,15 @@ class Bench(distloop.LoopModule):
         return torch.optim.SGD(self.parameters(), lr=LR)
 
 
+def loop_only() -> dict[str, bool]:
+    """Trainer arguments that leave out what the hand-written loops do not do (a checkpoint per
+    epoch, the model summary), where this version of distloop has them."""
+    import inspect
+
+    known = inspect.signature(distloop.Trainer).parameters
+    return {name: False for name in ("enable_checkpointing", "enable_model_summary") if name in known}
+
+
 def cpu_model() -> str:
     """The CPU's model name, from /proc/cpuinfo where there is one."""
     try:

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import distloop
-from _common import LR, Bench, code_version, cpu_model, metric_scales, metric_values
+from _common import LR, Bench, code_version, cpu_model, loop_only, metric_scales, metric_values
 from distloop.strategies import DDPStrategy
 from distloop.strategies.ddp import free_port
 
@@ -90,7 +90,7 @@ def fresh_model(dim: int) -> nn.Sequential:
 def make_trainer() -> distloop.Trainer:
     return distloop.Trainer(strategy=DDPStrategy(accelerator="cpu", timeout_s=TIMEOUT_S), max_epochs=1,
                             logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                            log_every_n_steps=LOG_EVERY)
+                            log_every_n_steps=LOG_EVERY, **loop_only())
 
 
 # ---------------------------------------------------------------- (a) counting collectives

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import distloop
-from _common import LR, Bench, code_version, cpu_model, metric_scales, metric_values
+from _common import LR, Bench, code_version, cpu_model, loop_only, metric_scales, metric_values
 
 BATCH, DIM, SEED = 32, 32, 0
 CASES = {"no logging": 0, "8 metrics": 8}  # case -> metrics logged per step
@@ -72,7 +72,7 @@ def with_distloop(layer: nn.Linear, data: Batches, n_metrics: int) -> float:
     """Train one epoch with ``Trainer.fit``; returns seconds."""
     module = Bench(layer, n_metrics)
     trainer = distloop.Trainer(max_epochs=1, logger=False, enable_progress_bar=False,
-                               num_sanity_val_steps=0, accelerator="cpu")
+                               num_sanity_val_steps=0, accelerator="cpu", **loop_only())
     gc.collect()
     t0 = time.perf_counter()
     trainer.fit(module, data)

@@ -125,6 +125,11 @@ def seed_workers(loader: Any, rank: int) -> Any:
     return loader
 
 
+def resumes_mid_epoch(loader: Any) -> bool:
+    """Whether ``loader`` can start an epoch past the samples already trained on (a ``ResumableSampler``)."""
+    return isinstance(getattr(loader, "sampler", None), ResumableSampler)
+
+
 def set_epoch(loader: Any, epoch: int, samples_seen: int = 0) -> None:
     """Point ``loader``'s sampler at ``epoch``, past the ``samples_seen`` (global) already trained on.
 

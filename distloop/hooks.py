@@ -1,16 +1,16 @@
 """Dispatch of a hook to the callbacks and the module that override it.
 
 Callbacks first, then the module: Lightning's order. At the epoch ends, where logged values
-are read and synced, the loops call the module's hook, read, then the callbacks', so that
-callbacks (the monitoring ones above all) see what the module logged there, in one read.
-A hook that nobody overrides costs one set lookup.
+are read and synced, Lightning's exception too: the other callbacks, the module, the read,
+then the monitoring callbacks (``ModelCheckpoint``, ``EarlyStopping``), so that they see
+everything logged there. A hook that nobody overrides costs one set lookup.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from distloop.callbacks.callback import Callback
+from distloop.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from distloop.module import LoopModule
 
 
@@ -37,11 +37,15 @@ class Hooks:
         finally:
             ctx.fx = previous
 
-    def callbacks(self, name: str, *args: Any) -> None:
-        fns = self._callback_fns.get(name)
+    def callbacks(self, name: str, *args: Any, monitoring: bool | None = None) -> None:
+        """Call the callbacks' ``name``: all of them, or (at the epoch ends, as Lightning splits them)
+        only the monitoring ones (``ModelCheckpoint``, ``EarlyStopping``: ``True``) or the others (``False``)."""
+        key = name if monitoring is None else f"{name}/{monitoring}"
+        fns = self._callback_fns.get(key)
         if fns is None:
-            fns = [fn for cb in self._callbacks if (fn := _overridden(cb, Callback, name)) is not None]
-            self._callback_fns[name] = fns
+            fns = [fn for cb in self._callbacks if (fn := _overridden(cb, Callback, name)) is not None
+                   and (monitoring is None or isinstance(cb, (ModelCheckpoint, EarlyStopping)) == monitoring)]
+            self._callback_fns[key] = fns
         if not fns:
             return
         module = self._module

@@ -136,11 +136,10 @@ class HyperparametersMixin:
         self.remove_ignored_hparams(ignore)
         for name, value in list(self._hparams.items()):
             if isinstance(value, nn.Module):
-                _warn(f"{type(self).__name__}: hparam {name!r} is an `nn.Module`; it is left out of the hparams "
-                      f"(its weights are saved with the state_dict). Ignore it with "
+                _warn(f"{type(self).__name__}: hparam {name!r} is an `nn.Module`: it stays in `self.hparams` but is "
+                      f"left out of checkpoints (its weights are saved with the state_dict). Ignore it with "
                       f"`self.save_hyperparameters(ignore=[{name!r}])` and pass it when loading: "
                       f"`load_from_checkpoint(path, {name}=...)`.", stacklevel=2)
-                del self._hparams[name]
         self._hparams_initial = copy.deepcopy(self._hparams)
 
     def _set_hparams(self, hp: Any) -> None:

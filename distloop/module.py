@@ -383,14 +383,13 @@ class LoopModule(HyperparametersMixin, nn.Module):
             on_step = step_hook
         if on_epoch is None:
             on_epoch = not step_hook
+        if rank_zero_only:
+            sync_dist = False  # as Lightning: a value only rank zero logs is never synced
         if isinstance(value, Tensor):  # the hot path: see ResultCollection.try_log
             size = ctx.batch_size if batch_size is None else batch_size
             args = (on_step, on_epoch, reduce_fx, sync_dist, prog_bar, logger, None)
             if size.__class__ is int and results.try_log(fx + "." + name, args, value, size):
                 return
-        if rank_zero_only and sync_dist:
-            raise MisconfigurationError(f"`self.log({name!r}, ..., rank_zero_only=True, sync_dist=True)`: a value "
-                                        "only rank zero logs cannot be synced across ranks; drop one of them.")
         if not isinstance(value, (Tensor, int, float)) and isinstance(value, Metric):
             metric_attribute = metric_attribute or self._metric_attribute(value, name)
         elif on_epoch and batch_size is None:

@@ -189,11 +189,12 @@ def _manual_scheduler_config(entry: Any) -> LRSchedulerConfig:
 
 
 def step_schedulers(configs: list[LRSchedulerConfig], interval: str, count: int,
-                    metrics: Mapping[str, Tensor]) -> None:
+                    read_metrics: Callable[[], Mapping[str, Tensor]]) -> None:
     """Step the schedulers of ``interval`` whose ``frequency`` divides ``count``.
 
     ``count`` is the global step for "step" schedulers and the number of finished epochs
-    for "epoch" ones; a ``reduce_on_plateau`` scheduler reads its monitored value from ``metrics``.
+    for "epoch" ones; a ``reduce_on_plateau`` scheduler reads its monitored value from
+    ``read_metrics()``, called only then (reading the metrics is not free on every step).
     """
     for config in configs:
         if config.interval != interval or count % config.frequency:
@@ -201,6 +202,7 @@ def step_schedulers(configs: list[LRSchedulerConfig], interval: str, count: int,
         if not config.reduce_on_plateau:
             config.scheduler.step()
             continue
+        metrics = read_metrics()
         monitor = config.monitor or ""
         if monitor in metrics:
             config.scheduler.step(float(metrics[monitor]))

@@ -349,6 +349,22 @@ class ResultCollection:
                 out[meta.name + "_step"] = value
         return out
 
+    def local_epoch_values(self) -> dict[str, Tensor]:
+        """This rank's epoch values so far, under ``callback_metrics`` names, with no collective:
+        what callbacks see at an epoch end before the synced read (torchmetrics Metrics left out:
+        computing one syncs it)."""
+        out: dict[str, Tensor] = {}
+        for r in self._items.values():
+            meta = r.meta
+            if not meta.on_epoch or r.metric is not None:
+                continue
+            value = r.epoch_value()
+            if value is not None:
+                out[meta.name] = value
+                if meta.forked:
+                    out[meta.name + "_epoch"] = value
+        return out
+
     def is_synced_step_value(self, name: str) -> bool:
         """Whether ``name`` (plain or ``_step``) is a ``sync_dist`` step value of this collection."""
         for r in self._items.values():

@@ -67,11 +67,18 @@ class RunState:
     def __init__(self) -> None:
         self._parts: dict[str, Stateful] = {}
         self._last: dict[str, Stateful] = {}
+        self._records: set[str] = set()
 
     def register(self, name: str, part: Stateful) -> None:
         """Add ``part`` under ``name`` (saved with every checkpoint, loaded on resume)."""
         self._check(name, part)
         self._parts[name] = part
+
+    def register_record(self, name: str, save: Callable[[], Any]) -> None:
+        """Add a record of the run (the config, hyperparameters): saved with every checkpoint,
+        never restored, and not missed in a checkpoint without it."""
+        self.register(name, StateFn(save, lambda state: None))
+        self._records.add(name)
 
     def register_last(self, name: str, part: Stateful) -> None:
         """Add ``part``, to be loaded after every part ``register`` adds, even later ones."""
@@ -103,7 +110,7 @@ class RunState:
         """Restore the parts (those in ``only``, less those in ``skip``) from ``checkpoint``, read
         from ``path`` (named in errors)."""
         for name, part in {**self._parts, **self._last}.items():
-            if (only is not None and name not in only) or name in skip:
+            if (only is not None and name not in only) or name in skip or name in self._records:
                 continue
             if name not in checkpoint:
                 warnings.warn(f"{path} has no {name!r} part; it keeps its current state.", stacklevel=2)
@@ -131,14 +138,13 @@ def trainer_state(trainer: Any) -> RunState:
         lambda: {cb.state_key: cb.state_dict() for cb in trainer.callbacks}, lambda s: _load_callbacks(trainer, s)))
     state.register("loops", StateFn(  # syncs logged values across ranks: a collective
         lambda: {"fit_loop": trainer.fit_loop.state_dict()}, lambda s: trainer.fit_loop.load_state_dict(s["fit_loop"])))
-    state.register("config", StateFn(lambda: trainer.config, lambda s: None))  # a record of the run, not restored
+    state.register_record("config", lambda: trainer.config)  # a record of the run, not restored
     # Lightning's keys for the saved hparams, as plain data: what load_from_checkpoint builds the
     # module and datamodule from; nothing to restore in a run, whose objects are built already.
-    state.register("hyper_parameters", StateFn(lambda: checkpoint_hparams(trainer.module), lambda s: None))
-    state.register("hparams_name", StateFn(lambda: hparams_name(trainer.module), lambda s: None))
-    state.register("datamodule_hyper_parameters", StateFn(lambda: checkpoint_hparams(trainer.datamodule),
-                                                          lambda s: None))
-    state.register("datamodule_hparams_name", StateFn(lambda: hparams_name(trainer.datamodule), lambda s: None))
+    state.register_record("hyper_parameters", lambda: checkpoint_hparams(trainer.module))
+    state.register_record("hparams_name", lambda: hparams_name(trainer.module))
+    state.register_record("datamodule_hyper_parameters", lambda: checkpoint_hparams(trainer.datamodule))
+    state.register_record("datamodule_hparams_name", lambda: hparams_name(trainer.datamodule))
     state.register_last("rng", StateFn(  # every rank's own streams, restored on the rank of the same number
         lambda: strategy.gather_object(capture_rng()),
         lambda s: restore_rng(s[trainer.global_rank]) if trainer.global_rank < len(s) else None))

@@ -200,10 +200,12 @@ class Trainer:
         self.predict_dataloaders: Any = None
         self.num_training_batches: float = math.inf
         self.num_val_batches: list[float] = []
+        self._validates = False
         self.num_test_batches: list[float] = []
         self.num_predict_batches: list[float] = []
         self.val_check_batches: int | None = None
         self._callback_metrics: dict[str, Tensor] = {}
+        self._epoch_end: ResultCollection | None = None  # an epoch end's values, until they are read
         self.logged_metrics: dict[str, Tensor] = {}
         self.progress_bar_metrics: dict[str, float] = {}
         self.metrics_version = 0
@@ -316,8 +318,8 @@ class Trainer:
 
     @property
     def has_validation(self) -> bool:
-        """Whether ``fit`` validates at all (a validation loader with batches to run)."""
-        return any(n != 0 for n in self.num_val_batches)
+        """Whether ``fit`` validates at all (a validation loader with batches to run, on some rank)."""
+        return self._validates
 
     @property
     def num_sanity_val_batches(self) -> list[float]:
@@ -374,6 +376,8 @@ class Trainer:
         results = self.module.log_context.results if self.module is not None else None
         if results is not None and results.training:
             self._callback_metrics.update(results.step_values())
+        if self._epoch_end is not None:
+            self._callback_metrics.update(self._epoch_end.local_epoch_values())
         return self._callback_metrics
 
     @callback_metrics.setter
@@ -483,6 +487,7 @@ class Trainer:
             self.predict_dataloaders = loaders[0] if single else loaders
             self.num_predict_batches = [num_batches(dl, self.limit_predict_batches, "predict") for dl in loaders]
             self._log_hyperparams()
+            self.predict_loop.return_predictions = return_predictions is not False
             out = self.predict_loop.run(loaders, self.num_predict_batches)
             if return_predictions is False:
                 return None
@@ -543,7 +548,9 @@ class Trainer:
         finally:
             self.state.status, self.state.stage = status, None
             self.control.finish()
+            self._epoch_end = None
             module.log_context.results = None
+            module.log_context.dataloader_idx = None
             self.strategy.wait_for_checkpoints()
             late = self.strategy.checkpoint_error()
             if late is not None:  # only when another error already ends the run: say it, do not hide that one
@@ -605,6 +612,9 @@ class Trainer:
         loaders, self._val_single = _as_loaders(val_dataloaders, "val")
         self._val_loaders = [self._prepare(dl, train=False) for dl in loaders]
         self.num_val_batches = [num_batches(dl, self.limit_val_batches, "val") for dl in self._val_loaders]
+        # Whether fit validates must be the same on every rank (a small shard may have no batch on one).
+        self._validates = self.strategy.reduce_boolean_decision(any(n != 0 for n in self.num_val_batches), all=False) \
+            if self.world_size > 1 else any(n != 0 for n in self.num_val_batches)
         self.val_check_batches = val_check_batches(self.val_check_interval, self.num_training_batches)
         if self.num_training_batches < self.log_every_n_steps and not math.isinf(self.num_training_batches) \
                 and self.loggers and self.is_global_zero:
@@ -641,6 +651,7 @@ class Trainer:
             counts = [num_batches(dl, limit, kind) for dl in loaders]
             if fn == TrainerFn.VALIDATING:
                 self._val_loaders, self._val_single, self.num_val_batches = loaders, single, counts
+                self._validates = any(n != 0 for n in counts)
             else:
                 self.test_dataloaders, self.num_test_batches = (loaders[0] if single else loaders), counts
             self._log_hyperparams()
@@ -691,17 +702,15 @@ class Trainer:
     def _prepare(self, loader: Iterable, train: bool) -> Iterable:
         if not self.use_distributed_sampler:
             return seed_workers(loader, self.global_rank)
-        loader = prepare_loader(loader, num_replicas=self.world_size, rank=self.global_rank, seed=self.seed or 0,
-                                train=train)
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        loader = prepare_loader(loader, num_replicas=self.world_size, rank=self.global_rank, seed=seed, train=train)
         return seed_workers(loader, self.global_rank)
 
     def _log_hyperparams(self) -> None:
         """The module's and datamodule's saved hyperparameters to every logger, as Lightning does at each run."""
         assert self.module is not None
-        if not self.loggers or not self.is_global_zero:
-            return
-        params = merged_hparams(self.module, self.datamodule)
-        if params:
+        params = merged_hparams(self.module, self.datamodule)  # on every rank: a clash raises on all of them
+        if params and self.is_global_zero:
             for lg in self.loggers:
                 lg.log_hyperparams(params)
 
@@ -814,6 +823,8 @@ class Trainer:
         """
         if results.training and not on_step:
             self._callback_metrics.update(results.step_values())  # the last step's values, then the epoch's
+        if not on_step:
+            self._epoch_end = None
         read = results.metrics(on_step, flags=self.control.pending)
         self.control.agree(read.flags)
         self._callback_metrics.update(read.callback)
@@ -830,11 +841,18 @@ class Trainer:
         self.logged_metrics.update(log_values)
         self.metrics_version += 1
         if scalars and self.is_global_zero:
-            record = {**scalars, "epoch": self.current_epoch}
+            record = dict(scalars)
+            record.setdefault("epoch", self.current_epoch)  # as Lightning: a logged "epoch" or "step" wins
+            step = int(record.pop("step", self.global_step))
             for lg in self.loggers:
-                lg.log_metrics(record, step=self.global_step)
+                lg.log_metrics(record, step=step)
                 lg.save()
         return scalars
+
+    def epoch_end_reached(self, results: ResultCollection | None) -> None:
+        """An epoch ends: until its values are read, ``callback_metrics`` shows this rank's epoch
+        values of ``results`` (Lightning's callbacks see them in the epoch-end hooks before the read)."""
+        self._epoch_end = results
 
     def sync_step_metric(self, name: str) -> None:
         """Bring a ``sync_dist`` step value in ``callback_metrics`` up to date for a monitor, at a
@@ -899,11 +917,30 @@ def _results_table(stage: str, results: list[dict[str, float]]) -> str:
     return "\n".join([line, fmt.format(title, *columns), line, *(fmt.format(*r) for r in rows), line])
 
 
+# Lightning hooks distloop does not call, and what does their job here: silently skipping one
+# would change what the module computes.
+_NOT_CALLED = {
+    "optimizer_step": "warm the learning rate up with an LR scheduler (e.g. LambdaLR, interval 'step'), or use "
+                      "manual optimization",
+    "lr_scheduler_step": "return a torch LR scheduler from configure_optimizers, or use manual optimization",
+    "configure_gradient_clipping": "pass Trainer(gradient_clip_val=...), or clip in on_before_optimizer_step",
+    "transfer_batch_to_device": "return tensors (or lists, tuples, dicts of them) from the loader; the strategy "
+                                "moves them",
+    "on_before_batch_transfer": "transform the batch in the loader's collate_fn",
+    "on_after_batch_transfer": "transform the batch at the start of the step",
+}
+
+
 def _check_module(module: Any, stage: str) -> None:
     if not isinstance(module, LoopModule):
         raise MisconfigurationError(
             f"trainer.{stage}() takes a distloop.LoopModule; got {type(module).__name__}. "
             "Subclass LoopModule instead of nn.Module (or of LightningModule).")
+    for hook, instead in _NOT_CALLED.items():
+        if getattr(type(module), hook, None) is not None:
+            raise MisconfigurationError(
+                f"{type(module).__name__} overrides the Lightning hook `{hook}`, which distloop does not call: "
+                f"{instead}.")
     if stage == "fit":
         for hook in ("training_step", "configure_optimizers"):
             if getattr(type(module), hook) is getattr(LoopModule, hook):

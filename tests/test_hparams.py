@@ -179,11 +179,12 @@ def test_a_single_config_object_is_saved_as_the_hparams(config: Any) -> None:
     assert module.hparams.width == 4
 
 
-def test_a_module_argument_is_left_out_with_a_warning_to_ignore_it() -> None:
-    """Lightning warns that an ``nn.Module`` hparam should be ignored; here it is not kept."""
+def test_a_module_argument_is_kept_with_a_warning_to_ignore_it() -> None:
+    """Lightning warns that an ``nn.Module`` hparam should be ignored, and keeps it in ``hparams``."""
+    backbone = nn.Linear(4, 4)
     with pytest.warns(UserWarning, match=r"'backbone' is an `nn.Module`.*ignore=\['backbone'\]"):
-        module = WithBackbone(nn.Linear(4, 4))
-    assert dict(module.hparams) == {"lr": 0.1}
+        module = WithBackbone(backbone)
+    assert module.hparams.backbone is backbone and module.hparams.lr == 0.1
 
 
 def test_a_datamodule_saves_its_arguments() -> None:

@@ -494,3 +494,65 @@ def test_16_mixed_on_cpu_falls_back_to_bf16_as_lightning_does(tmp_path: Any) -> 
     with pytest.warns(UserWarning, match="Using precision='bf16-mixed' instead"):
         trainer = quiet(tmp_path, precision="16-mixed")
     assert trainer.precision == "bf16-mixed"
+
+
+# ---------------------------------------------------------------- epoch ends: Lightning's order
+def test_callbacks_log_and_read_at_epoch_ends(tmp_path: Any) -> None:
+    seen: dict[str, float] = {}
+
+    class LogsAtEpochEnd(Callback):
+        def on_validation_epoch_end(self, trainer: Any, module: Any) -> None:
+            seen["val_loss"] = float(trainer.callback_metrics["val_loss"])  # this epoch's value, before the read
+            module.log("from_callback", 3.0)
+
+    stopper = EarlyStopping(monitor="from_callback", patience=5)
+    trainer = quiet(tmp_path, max_epochs=1, callbacks=[LogsAtEpochEnd(), stopper])
+    model = Regressor()
+    trainer.fit(model, RegressionData())
+    assert float(trainer.callback_metrics["from_callback"]) == 3.0 and float(stopper.best_score) == 3.0
+    assert seen["val_loss"] == pytest.approx(float(trainer.callback_metrics["val_loss"]))
+    (out,) = trainer.validate(model, RegressionData())
+    assert out["from_callback"] == 3.0
+
+
+def test_default_progress_bar_with_several_dataloaders(tmp_path: Any) -> None:
+    trainer = Trainer(default_root_dir=tmp_path, logger=False, enable_model_summary=False)
+    loaders = [DataLoader(regression(8, 1), batch_size=4), DataLoader(regression(4, 2), batch_size=4)]
+    assert len(trainer.validate(TwoLoaders(), loaders)) == 2
+
+
+def test_predict_without_returning_predictions(tmp_path: Any) -> None:
+    written: list[torch.Tensor] = []
+
+    class Writer(Callback):
+        def on_predict_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int,
+                                 dataloader_idx: int = 0) -> None:
+            written.append(outputs)
+
+    class Predict(Regressor):
+        def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return self(batch[0])
+
+    trainer = quiet(tmp_path, callbacks=[Writer()])
+    assert trainer.predict(Predict(), DataLoader(regression(8), batch_size=4), return_predictions=False) is None
+    assert len(written) == 2 and trainer.predict_loop.predictions == [[]]
+
+
+def test_a_lightning_hook_distloop_does_not_call_is_refused(tmp_path: Any) -> None:
+    class WarmUp(Regressor):
+        def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any) -> None:
+            optimizer.step(closure=optimizer_closure)
+
+    with pytest.raises(MisconfigurationError, match="optimizer_step.*LR scheduler"):
+        quiet(tmp_path, max_epochs=1).fit(WarmUp(), RegressionData())
+
+
+def test_rank_zero_only_values_are_not_synced(tmp_path: Any) -> None:
+    class RankZero(Regressor):
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            self.log("val_loss", F.mse_loss(self(x), y), rank_zero_only=True, sync_dist=True)
+
+    trainer = quiet(tmp_path, max_epochs=1)
+    trainer.fit(RankZero(), RegressionData())
+    assert "val_loss" in trainer.callback_metrics

@@ -243,6 +243,8 @@ class ModelCheckpoint(Callback):
         self._last_time_checked = time.monotonic()
 
     def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._every_n_train_steps < 1 and self._train_time_interval is None:
+            return  # the default checkpoint: nothing to do per step
         self._batch_epoch = trainer.current_epoch
         if self._clock_due():
             trainer.control.request(Request.SAVE)  # this rank's clock: the ranks agree before anyone saves

@@ -96,7 +96,8 @@ class ProgressBar(Callback):
                                  desc="Sanity check" if trainer.sanity_checking else "Validation",
                                  file=self.stream, dynamic_ncols=True, leave=False, unit="batch")
 
-    def on_validation_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_validation_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
         if self._val_bar is not None:
             self._val_bar.update(1)
 

@@ -96,16 +96,8 @@ class EvaluationLoop(Loop):
         trainer.hooks(self._hook_names["epoch_start"])
 
     def _check_dataloader_idx(self, module: Any) -> None:
-        """Lightning's rule: several dataloaders need ``dataloader_idx`` in the step and batch hooks."""
-        if len(self._loaders) < 2:
-            return
-        for name in (self._step_name, self._hook_names["batch_start"], self._hook_names["batch_end"]):
-            fn = getattr(module, name)
-            if getattr(type(module), name) is not getattr(LoopModule, name, None) and \
-                    not takes_argument(fn, "dataloader_idx", 99):
-                raise RuntimeError(
-                    f"You passed {len(self._loaders)} {self.stage} dataloaders, but `{type(module).__name__}.{name}()` "
-                    "has no `dataloader_idx` argument: add `dataloader_idx=0` to its signature.")
+        check_dataloader_idx(module, self.stage, len(self._loaders),
+                             (self._step_name, self._hook_names["batch_start"], self._hook_names["batch_end"]))
 
     def _start_dataloader(self, idx: int) -> None:
         self.dataloader_idx = idx
@@ -140,15 +132,33 @@ class EvaluationLoop(Loop):
     def on_run_end(self) -> list[dict[str, float]]:
         trainer, module = self.trainer, self.trainer.module
         module.log_context.dataloader_idx = None
+        trainer.epoch_end_reached(self.results)
+        trainer.hooks.callbacks(self._hook_names["epoch_end"], monitoring=False)  # Lightning's order, then one read
         trainer.hooks.module(self._hook_names["epoch_end"])
-        metrics = {} if trainer.sanity_checking else trainer.read_metrics(self.results, on_step=False)
-        trainer.hooks.callbacks(self._hook_names["epoch_end"])
+        if trainer.sanity_checking:
+            metrics: dict[str, float] = {}
+            trainer.epoch_end_reached(None)
+        else:
+            metrics = trainer.read_metrics(self.results, on_step=False)
+        trainer.hooks.callbacks(self._hook_names["epoch_end"], monitoring=True)
         trainer.hooks(self._hook_names["end"])
         module.log_context.results = self._outer_results
         trainer.state.stage = self._outer_stage
         if self._was_training:
             module.train()
         return split_by_dataloader(metrics, len(self._loaders))
+
+
+def check_dataloader_idx(module: Any, stage: str, count: int, hooks: Sequence[str]) -> None:
+    """Lightning's rule: several dataloaders need ``dataloader_idx`` in the step and batch hooks."""
+    if count < 2:
+        return
+    for name in hooks:
+        if getattr(type(module), name) is not getattr(LoopModule, name, None) and \
+                not takes_argument(getattr(module, name), "dataloader_idx", 99):
+            raise RuntimeError(
+                f"You passed {count} {stage} dataloaders, but `{type(module).__name__}.{name}()` "
+                "has no `dataloader_idx` argument: add `dataloader_idx=0` to its signature.")
 
 
 def split_by_dataloader(metrics: dict[str, float], count: int) -> list[dict[str, float]]:

@@ -83,13 +83,15 @@ class FitLoop(Loop):
     def on_advance_end(self) -> None:
         trainer = self.trainer
         self.epoch_progress.increment_processed()
+        trainer.epoch_end_reached(self.epoch_loop.results)
+        trainer.hooks.callbacks("on_train_epoch_end", monitoring=False)  # Lightning's order, then one read
         trainer.hooks.module("on_train_epoch_end")
         trainer.read_metrics(self.epoch_loop.results, on_step=False)
-        trainer.hooks.callbacks("on_train_epoch_end")
+        trainer.hooks.callbacks("on_train_epoch_end", monitoring=True)
         if self.epoch_loop.epoch_finished and trainer.module.automatic_optimization:
             # plateau schedulers need this epoch's values; the others stepped after the epoch's last batch
             plateaus = [c for c in trainer.lr_scheduler_configs if c.reduce_on_plateau]
-            step_schedulers(plateaus, "epoch", trainer.current_epoch + 1, trainer.callback_metrics)
+            step_schedulers(plateaus, "epoch", trainer.current_epoch + 1, lambda: trainer.callback_metrics)
         trainer.agree_stop("on_train_epoch_end")
         self.epoch_progress.increment_completed()
         # Between epochs the run can be resumed exactly; a checkpoint written here must hold

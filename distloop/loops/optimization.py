@@ -51,8 +51,8 @@ class AutomaticOptimization:
                 torch._assert_async(torch.isfinite(loss.detach()), _NON_FINITE_ON_DEVICE)
             elif not math.isfinite(loss.item()):  # on the host: about 1 us
                 raise FloatingPointError(_non_finite(loss.item(), trainer))
-        elif nan_loss == "skip" and not bool(torch.isfinite(loss)):  # one host sync per step
-            return outputs
+        elif nan_loss == "skip" and not strategy.reduce_boolean_decision(bool(torch.isfinite(loss))):
+            return outputs  # one host sync per step, and one collective under DDP: every rank skips alike
         if trainer.accumulate_grad_batches > 1:
             loss = loss / trainer.accumulate_grad_batches
         hooks("on_before_backward", loss)
@@ -78,7 +78,7 @@ class AutomaticOptimization:
         progress.zero_grad.increment_completed()
         configs = strategy.lr_scheduler_configs
         if configs:
-            step_schedulers(configs, "step", trainer.global_step, trainer.callback_metrics)
+            step_schedulers(configs, "step", trainer.global_step, lambda: trainer.callback_metrics)
 
 
 _NON_FINITE_ON_DEVICE = ("distloop: the training loss is not finite (nan_loss='raise'); no update was made from it. "

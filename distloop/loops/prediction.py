@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 import torch
 
-from distloop.loops.evaluation import as_dataloader_list
+from distloop.loops.evaluation import as_dataloader_list, check_dataloader_idx
 from distloop.loops.fetcher import BatchIterator, next_batch
 from distloop.loops.loop import Loop
 from distloop.module import takes_argument
@@ -22,6 +22,7 @@ class PredictionLoop(Loop):
         super().__init__()
         self.batch_progress = BatchProgress()
         self.predictions: list[list[Any]] = []
+        self.return_predictions = True  # False: outputs go to the batch-end hooks only (writer callbacks)
         self.dataloader_idx = 0
         self._loaders: list[Iterable] = []
         self._limits: list[float] = []
@@ -44,6 +45,8 @@ class PredictionLoop(Loop):
         trainer.state.stage = RunningStage.PREDICTING
         trainer.module.eval()
         self._pass_batch_idx = takes_argument(trainer.module.predict_step, "batch_idx", 1)
+        check_dataloader_idx(trainer.module, "predict", len(self._loaders),
+                             ("predict_step", "on_predict_batch_start", "on_predict_batch_end"))
         self._start_dataloader(0)
         trainer.hooks("on_predict_start")
         trainer.hooks("on_predict_epoch_start")
@@ -69,7 +72,8 @@ class PredictionLoop(Loop):
         with (torch.inference_mode() if trainer.inference_mode else torch.no_grad()), trainer.strategy.autocast():
             outputs = module.predict_step(*args)
         progress.increment_processed()
-        self.predictions[self.dataloader_idx].append(outputs)
+        if self.return_predictions:
+            self.predictions[self.dataloader_idx].append(outputs)
         trainer.hooks("on_predict_batch_end", outputs, batch, batch_idx, *extra)
         progress.increment_completed()
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
-from distloop.data import set_epoch
+from distloop.data import resumes_mid_epoch, set_epoch
 from distloop.loops.evaluation import EvaluationLoop
 from distloop.loops.fetcher import BatchIterator, next_batch
 from distloop.loops.loop import Loop
@@ -76,6 +77,11 @@ class TrainingEpochLoop(Loop):
         trainer.module.log_context.results = self.results
         self._world_size = trainer.world_size
         self._validates = trainer.has_validation
+        if self.restarting and self.samples_seen and not resumes_mid_epoch(dataloader):
+            warnings.warn(f"Resuming in the middle of an epoch ({self.samples_seen} samples in), but the training data "
+                          "is not a DataLoader distloop can position (an IterableDataset, a custom sampler, or "
+                          "use_distributed_sampler=False): the epoch's data starts again from its beginning.",
+                          stacklevel=2)
         set_epoch(dataloader, trainer.current_epoch, self.samples_seen)
         done = self.batch_progress.current.completed
         whole = type(trainer.limit_train_batches) is float and trainer.limit_train_batches == 1.0  # not the int 1
@@ -129,7 +135,7 @@ class TrainingEpochLoop(Loop):
         if not trainer.module.automatic_optimization:  # Lightning: manual optimization steps its own schedulers
             return
         configs = [c for c in trainer.lr_scheduler_configs if not c.reduce_on_plateau]
-        step_schedulers(configs, "epoch", trainer.current_epoch + 1, trainer.callback_metrics)
+        step_schedulers(configs, "epoch", trainer.current_epoch + 1, lambda: trainer.callback_metrics)
 
     def on_save_checkpoint(self) -> dict:
         return {"samples_seen": self.samples_seen}
