@@ -140,6 +140,10 @@ def set_epoch(loader: Any, epoch: int, samples_seen: int = 0) -> None:
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler, ResumableSampler):
         sampler.set_epoch(epoch, min(samples_seen, sampler.num_samples))
+        if isinstance(loader, DataLoader) and loader.generator is not None:
+            # The epoch's workers take their base seed from this generator: a function of
+            # (seed, rank, epoch), so a run resumed in a later epoch seeds them as an uninterrupted one.
+            loader.generator.manual_seed(hash((sampler.seed, sampler.rank, epoch)) & (2**63 - 1))
         return
     for holder in (sampler, getattr(loader, "batch_sampler", None), loader):
         if holder is not None and hasattr(holder, "set_epoch"):

@@ -556,3 +556,55 @@ def test_rank_zero_only_values_are_not_synced(tmp_path: Any) -> None:
     trainer = quiet(tmp_path, max_epochs=1)
     trainer.fit(RankZero(), RegressionData())
     assert "val_loss" in trainer.callback_metrics
+
+
+class NoisyPairs(Dataset):
+    """(x, y) with an augmentation drawn in the worker process."""
+
+    def __len__(self) -> int:
+        return 32
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.full((4,), float(i)) / 32 + torch.rand(4)
+        return x, x.sum(dim=0, keepdim=True)
+
+
+class CrashAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("crash")
+
+
+def _noisy_fit(root: Any, crash: int | None = None, ckpt_path: str | None = None) -> list[list[float]]:
+    seen: list[list[float]] = []
+
+    class Record(Regressor):
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            seen.append(batch[0][:, 0].tolist())
+            return super().training_step(batch, batch_idx)
+
+    seed_everything(3, workers=True)
+    callbacks: list[Callback] = [ModelCheckpoint(dirpath=os.path.join(root, "ck"), save_top_k=-1)]  # epoch ends
+    if crash is not None:
+        callbacks.append(CrashAtStep(crash))
+    trainer = quiet(root, max_epochs=3, callbacks=callbacks, seed=3)
+    try:
+        trainer.fit(Record(), DataLoader(NoisyPairs(), batch_size=8, shuffle=True, num_workers=2), ckpt_path=ckpt_path)
+    except RuntimeError:
+        pass
+    return seen
+
+
+def test_worker_augmentations_resume_exactly_in_a_later_epoch(tmp_path: Any) -> None:
+    """Each epoch's workers are seeded from (seed, rank, epoch): a run resumed at the start of its
+    third epoch draws the augmentations an uninterrupted one draws there."""
+    try:
+        full = _noisy_fit(tmp_path / "full")
+        first = _noisy_fit(tmp_path / "part", crash=9)  # in the third epoch (4 batches an epoch)
+        resumed = _noisy_fit(tmp_path / "part", ckpt_path="last")  # from the second epoch's end
+    finally:
+        seed_everything(0, workers=False)
+    assert len(full) == 12 and first[:8] + resumed == full
