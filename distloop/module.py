@@ -432,6 +432,11 @@ def _apply_to_tensors(data: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return data
 
 
+def overrides(obj: Any, base: type, name: str) -> bool:
+    """Whether ``obj``'s class defines ``name`` differently from ``base`` (a hook the user wrote)."""
+    return getattr(type(obj), name, None) is not getattr(base, name, None)
+
+
 def takes_argument(fn: Callable, name: str, position: int) -> bool:
     """Whether ``fn`` (a bound step or hook) accepts ``name``: by name, or through ``*args`` at
     0-based ``position``. Lightning passes ``batch_idx`` and ``dataloader_idx`` only then."""

@@ -11,9 +11,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-import warnings
 from contextlib import ExitStack
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor
@@ -31,9 +30,9 @@ from distloop.hparams import merged_hparams
 from distloop.hooks import Hooks
 from distloop.loggers import Logger, agree_on_versions, resolve_loggers
 from distloop.loops import EvaluationLoop, FitLoop, PredictionLoop
-from distloop.loops.evaluation import is_loader_sequence
+from distloop.loops.evaluation import loader_list, results_table
 from distloop.loops.manual_optimization import check_manual_optimization
-from distloop.module import LoopModule
+from distloop.module import LoopModule, overrides
 from distloop.optim import LRSchedulerConfig
 from distloop.rank_zero import rank_zero_warn
 from distloop.results import ResultCollection
@@ -574,9 +573,8 @@ class Trainer:
     def _prepare_data(self, module: LoopModule, datamodule: DataModule | None) -> None:
         """``prepare_data`` (downloads, one-time preprocessing) once per node or once per job, then a barrier."""
         called = False
-        for owner in (datamodule, module):
-            if owner is None or getattr(type(owner), "prepare_data") is getattr(
-                    DataModule if owner is datamodule else LoopModule, "prepare_data"):
+        for owner, base in ((datamodule, DataModule), (module, LoopModule)):
+            if owner is None or not overrides(owner, base, "prepare_data"):
                 continue
             per_node = getattr(owner, "prepare_data_per_node", True)
             if (self.local_rank == 0) if per_node else self.is_global_zero:
@@ -609,7 +607,7 @@ class Trainer:
         self.num_training_batches = num_batches(self.train_dataloader, self.limit_train_batches, "train")
         if val_dataloaders is None:
             val_dataloaders = self._source_loader("val", module)
-        loaders, self._val_single = _as_loaders(val_dataloaders, "val")
+        loaders, self._val_single = loader_list(val_dataloaders)
         self._val_loaders = [self._prepare(dl, train=False) for dl in loaders]
         self.num_val_batches = [num_batches(dl, self.limit_val_batches, "val") for dl in self._val_loaders]
         # Whether fit validates must be the same on every rank (a small shard may have no batch on one).
@@ -657,7 +655,7 @@ class Trainer:
             self._log_hyperparams()
             results = loop.run(loaders, counts)
             if verbose and self.is_global_zero:
-                print(_results_table(fn.value, results), file=sys.stdout, flush=True)
+                print(results_table(fn.value, results), file=sys.stdout, flush=True)
             return results
 
         return self._run(fn, module, datamodule, ckpt_path, run)
@@ -683,7 +681,7 @@ class Trainer:
     def _eval_loaders(self, kind: str, given: Any, datamodule: DataModule | None) -> tuple[list[Iterable], bool]:
         assert self.module is not None
         source = given if given is not None else self._source_loader(kind, self.module)
-        loaders, single = _as_loaders(source, kind)
+        loaders, single = loader_list(source)
         if not loaders:
             stage = "validate" if kind == "val" else kind
             raise MisconfigurationError(
@@ -695,15 +693,15 @@ class Trainer:
         """``<kind>_dataloader()`` of the datamodule, else of the module; ``None`` when neither defines it."""
         name = f"{kind}_dataloader"
         for owner, base in ((self.datamodule, DataModule), (module, LoopModule)):
-            if owner is not None and getattr(type(owner), name, None) is not getattr(base, name, None):
+            if owner is not None and overrides(owner, base, name):
                 return getattr(owner, name)()
         return None
 
     def _prepare(self, loader: Iterable, train: bool) -> Iterable:
-        if not self.use_distributed_sampler:
-            return seed_workers(loader, self.global_rank)
-        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", "0"))
-        loader = prepare_loader(loader, num_replicas=self.world_size, rank=self.global_rank, seed=seed, train=train)
+        if self.use_distributed_sampler:
+            seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", "0"))
+            loader = prepare_loader(loader, num_replicas=self.world_size, rank=self.global_rank, seed=seed,
+                                    train=train)
         return seed_workers(loader, self.global_rank)
 
     def _log_hyperparams(self) -> None:
@@ -885,38 +883,6 @@ def _only_datamodule(given: DataModule, datamodule: DataModule | None) -> DataMo
     return given
 
 
-def _as_loaders(source: Any, kind: str) -> tuple[list[Iterable], bool]:
-    """A loader, or a list / tuple / dict of them (Lightning's "sequential" mode), as a list; and
-    whether it was a single one. ``None`` gives no loaders; a list of batches is one loader."""
-    if source is None:
-        return [], True
-    if isinstance(source, Mapping):
-        return list(source.values()), False
-    if is_loader_sequence(source):
-        return list(source), False
-    return [source], True
-
-
-def _results_table(stage: str, results: list[dict[str, float]]) -> str:
-    """What Lightning prints after validate / test: one row per metric, one column per dataloader."""
-    names = sorted({k.split("/dataloader_idx_")[0] for r in results for k in r})
-    if not names:
-        return ""
-    title = f"{'Validate' if stage == 'validate' else stage.capitalize()} metric"
-    columns = [f"DataLoader {i}" for i in range(len(results))]
-    rows = []
-    for name in names:
-        cells = []
-        for i, r in enumerate(results):
-            value = r.get(name, r.get(f"{name}/dataloader_idx_{i}"))
-            cells.append("" if value is None else f"{value:.6g}")
-        rows.append([name, *cells])
-    widths = [max(len(str(c)) for c in col) for col in zip([title, *columns], *rows)]
-    line = "─" * (sum(widths) + 3 * len(widths) + 1)
-    fmt = "│ " + " │ ".join(f"{{:<{w}}}" for w in widths) + " │"
-    return "\n".join([line, fmt.format(title, *columns), line, *(fmt.format(*r) for r in rows), line])
-
-
 # Lightning hooks distloop does not call, and what does their job here: silently skipping one
 # would change what the module computes.
 _NOT_CALLED = {
@@ -943,6 +909,6 @@ def _check_module(module: Any, stage: str) -> None:
                 f"{instead}.")
     if stage == "fit":
         for hook in ("training_step", "configure_optimizers"):
-            if getattr(type(module), hook) is getattr(LoopModule, hook):
+            if not overrides(module, LoopModule, hook):
                 raise MisconfigurationError(
                     f"{type(module).__name__} does not define `{hook}`, which trainer.fit() needs.")

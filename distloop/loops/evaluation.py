@@ -9,7 +9,7 @@ import torch
 
 from distloop.loops.fetcher import BatchIterator, next_batch
 from distloop.loops.loop import Loop
-from distloop.module import LoopModule, takes_argument
+from distloop.module import LoopModule, overrides, takes_argument
 from distloop.progress import BatchProgress
 from distloop.results import ResultCollection
 from distloop.stages import RunningStage
@@ -24,9 +24,21 @@ def is_loader_sequence(source: Any) -> bool:
         isinstance(item, Iterable) and not isinstance(item, (torch.Tensor, tuple, Mapping, str)) for item in source)
 
 
+def loader_list(source: Any) -> tuple[list[Iterable], bool]:
+    """A loader, or a list / tuple / dict of them (Lightning's "sequential" mode), as a list; and
+    whether it was a single one. ``None`` gives no loaders; a list of batches is one loader."""
+    if source is None:
+        return [], True
+    if isinstance(source, Mapping):
+        return list(source.values()), False
+    if is_loader_sequence(source):
+        return list(source), False
+    return [source], True
+
+
 def as_dataloader_list(dataloaders: Any, max_batches: Any) -> tuple[list[Iterable], list[float]]:
     """One loader and its batch count, or a list of each (what ``trainer.num_val_batches`` holds)."""
-    loaders = list(dataloaders) if is_loader_sequence(dataloaders) else [dataloaders]
+    loaders, _ = loader_list(dataloaders)
     if isinstance(max_batches, Sequence):
         limits = [float(n) for n in max_batches]
     else:
@@ -154,8 +166,7 @@ def check_dataloader_idx(module: Any, stage: str, count: int, hooks: Sequence[st
     if count < 2:
         return
     for name in hooks:
-        if getattr(type(module), name) is not getattr(LoopModule, name, None) and \
-                not takes_argument(getattr(module, name), "dataloader_idx", 99):
+        if overrides(module, LoopModule, name) and not takes_argument(getattr(module, name), "dataloader_idx", 99):
             raise RuntimeError(
                 f"You passed {count} {stage} dataloaders, but `{type(module).__name__}.{name}()` "
                 "has no `dataloader_idx` argument: add `dataloader_idx=0` to its signature.")
@@ -168,3 +179,22 @@ def split_by_dataloader(metrics: dict[str, float], count: int) -> list[dict[str,
     return [{k: v for k, v in metrics.items() if _SUFFIX not in k or k.endswith(f"{_SUFFIX}{i}")}
             for i in range(count)]
 
+
+def results_table(stage: str, results: list[dict[str, float]]) -> str:
+    """What Lightning prints after validate / test: one row per metric, one column per dataloader."""
+    names = sorted({k.split("/dataloader_idx_")[0] for r in results for k in r})
+    if not names:
+        return ""
+    title = f"{'Validate' if stage == 'validate' else stage.capitalize()} metric"
+    columns = [f"DataLoader {i}" for i in range(len(results))]
+    rows = []
+    for name in names:
+        cells = []
+        for i, r in enumerate(results):
+            value = r.get(name, r.get(f"{name}/dataloader_idx_{i}"))
+            cells.append("" if value is None else f"{value:.6g}")
+        rows.append([name, *cells])
+    widths = [max(len(str(c)) for c in col) for col in zip([title, *columns], *rows)]
+    line = "─" * (sum(widths) + 3 * len(widths) + 1)
+    fmt = "│ " + " │ ".join(f"{{:<{w}}}" for w in widths) + " │"
+    return "\n".join([line, fmt.format(title, *columns), line, *(fmt.format(*r) for r in rows), line])
