@@ -322,3 +322,19 @@ class LoopOptimizer:
 def _imitating(optimizer_class: type) -> type:
     """A subclass of both ``LoopOptimizer`` and ``optimizer_class``, once per optimizer class."""
     return type("Loop" + optimizer_class.__name__, (LoopOptimizer, optimizer_class), {})
+
+
+def optimizer_state_by_index(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter name (DCP's form) keyed by index instead, as
+    ``Optimizer.state_dict`` keys it; ``names`` are the parameter names in the optimizer's order."""
+    index = {name: i for i, name in enumerate(names)}
+    return {"state": {index[name]: value for name, value in state["state"].items()},
+            "param_groups": [{**group, "params": [index[name] for name in group["params"]]}
+                             for group in state["param_groups"]]}
+
+
+def optimizer_state_by_name(state: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """The inverse of ``optimizer_state_by_index``."""
+    return {"state": {names[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}

@@ -133,7 +133,7 @@ class EvaluationLoop(Loop):
         module.log_context.fx = self._step_name
         args = (batch, batch_idx, *extra) if self._pass_batch_idx else (batch, *extra)
         try:
-            with (torch.inference_mode() if trainer.inference_mode else torch.no_grad()), trainer.strategy.autocast():
+            with trainer.strategy.evaluation_context(trainer.inference_mode), trainer.strategy.autocast():
                 outputs = self._step_fn(*args)
         finally:
             module.log_context.fx = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-import torch
 
 from distloop.loops.evaluation import as_dataloader_list, check_dataloader_idx
 from distloop.loops.fetcher import BatchIterator, next_batch
@@ -69,7 +68,7 @@ class PredictionLoop(Loop):
         trainer.hooks("on_predict_batch_start", batch, batch_idx, *extra)
         progress.increment_started()
         args = (batch, batch_idx, *extra) if self._pass_batch_idx else (batch, *extra)
-        with (torch.inference_mode() if trainer.inference_mode else torch.no_grad()), trainer.strategy.autocast():
+        with trainer.strategy.evaluation_context(trainer.inference_mode), trainer.strategy.autocast():
             outputs = module.predict_step(*args)
         progress.increment_processed()
         if self.return_predictions:

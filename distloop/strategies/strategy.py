@@ -110,6 +110,10 @@ class Strategy(ABC):
         """The precision's autocast context for forward passes (``NO_CONTEXT`` in full precision)."""
         return self.precision.autocast()
 
+    def evaluation_context(self, inference_mode: bool) -> ContextManager:
+        """No autograd while evaluating: ``torch.inference_mode`` (Trainer(inference_mode=True)) or ``no_grad``."""
+        return torch.inference_mode() if inference_mode else torch.no_grad()
+
     def backward(self, loss: Tensor) -> None:
         self.precision.backward(loss)
 
