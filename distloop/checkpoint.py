@@ -1,25 +1,46 @@
-"""Checkpoint files: the format, atomic writes (in the background), loading, finding the newest valid one.
+"""Checkpoint files and directories: the format, atomic writes (in the background), loading,
+finding the newest valid one, consolidating a sharded one.
 
 A checkpoint is a dict of plain data and tensors, loadable with
 ``torch.load(weights_only=True)``: opening one never runs code. It is written to a
 temporary file in the same directory, flushed, fsynced and renamed into place, so a
 crash or a full disk during a write leaves every earlier checkpoint intact.
+
+A sharded checkpoint (FSDP) is a directory: every rank writes its shards of the sharded
+tensors (DTensors) with ``torch.distributed.checkpoint``, and global rank zero writes the
+rest of the dict to ``run.pt``, each sharded tensor replaced by a ``meta`` tensor of its
+global shape. The directory is built under a hidden name and renamed into place once
+``run.pt`` is in it, so it too is either complete or absent. Only tensors go to DCP (it
+unpickles anything else with ``weights_only=False``), so reading one never runs code either.
+It loads on any number of processes, or none: ``load`` reads the full tensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import os
 import queue
 import secrets
+import shutil
 import threading
-from typing import Any, Callable
+import warnings
+from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
 
 FORMAT = "distloop-checkpoint"
 VERSION = 2  # 2: Lightning's names for the module and optimizer parts (see state.py)
 SUFFIX = ".ckpt"
 LAST = "last" + SUFFIX
+HEADER = ("format", "version", "global_step", "epoch", "world_size")
+# What a weights-only checkpoint keeps (``ModelCheckpoint(save_weights_only=True)``), besides the header.
+WEIGHTS_ONLY_PARTS = ("state_dict", "hyper_parameters", "hparams_name", "datamodule_hyper_parameters",
+                      "datamodule_hparams_name")
+RUN_FILE = "run.pt"  # in a sharded checkpoint directory: everything but the shards, written last
 
 
 class CheckpointError(RuntimeError):
@@ -115,12 +136,22 @@ def _fsync_dir(directory: str) -> None:
 
 
 def load(path: str) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU, or raise ``CheckpointError`` saying what is wrong with it."""
+    """Read a checkpoint (a file, or a sharded directory) onto the CPU, or raise
+    ``CheckpointError`` saying what is wrong with it."""
+    if os.path.isdir(path):
+        state = _read_run_file(path)
+        _fill_sharded(state, path)
+        return upgrade(state)
     if not os.path.isfile(path):
-        raise CheckpointError(f"No checkpoint file at {path}.")
+        raise CheckpointError(f"No checkpoint at {path}.")
+    return upgrade(_read(path, path))
+
+
+def _read(file: str, path: str) -> dict[str, Any]:
+    """``file``'s checkpoint dict, header checked; errors name ``path`` (the checkpoint)."""
     try:
         # mmap: tensors are read from the file as they are used, not all at once on every rank.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # noqa: BLE001 - any failure to unpickle means the same to the user
         raise CheckpointError(
             f"{path} is not a readable distloop checkpoint (truncated, corrupt, or another kind of file): "
@@ -130,7 +161,14 @@ def load(path: str) -> dict[str, Any]:
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has format version {state['version']}; this distloop reads up to "
                               f"{VERSION}. Upgrade distloop.")
-    return upgrade(state)
+    return state
+
+
+def _read_run_file(path: str) -> dict[str, Any]:
+    run_file = os.path.join(path, RUN_FILE)
+    if not os.path.isfile(run_file):
+        raise CheckpointError(f"{path} is not a complete sharded checkpoint: it has no {RUN_FILE}.")
+    return _read(run_file, path)
 
 
 def upgrade(state: dict[str, Any]) -> dict[str, Any]:
@@ -146,8 +184,9 @@ def upgrade(state: dict[str, Any]) -> dict[str, Any]:
     return state
 
 
-def newest_valid(directories: list[str]) -> tuple[str | None, dict[str, Any] | None, list[str]]:
-    """The newest checkpoint that loads, its state, and a note for each newer one that did not."""
+def newest_valid(directories: list[str]) -> tuple[str | None, list[str]]:
+    """The newest valid checkpoint, and a note for each newer one that is not (a sharded one's
+    shards are checked against its ``run.pt``, not read)."""
     candidates = []
     for directory in dict.fromkeys(directories):
         if not os.path.isdir(directory):
@@ -159,14 +198,16 @@ def newest_valid(directories: list[str]) -> tuple[str | None, dict[str, Any] | N
     skipped = []
     for _, path in sorted(candidates, reverse=True):
         try:
-            return path, load(path), skipped
+            check_sharded(path) if os.path.isdir(path) else load(path)
+            return path, skipped
         except CheckpointError as err:
             skipped.append(str(err))
-    return None, None, skipped
+    return None, skipped
 
 
 class BackgroundWriter:
-    """Writes snapshots on one background thread, so training waits only for the snapshot.
+    """Writes snapshots on one background thread, so training waits only for the snapshot
+    (``submit`` a file, ``run`` any write job: a sharded save's).
 
     The error of a failed write is kept until the training thread takes it (``take_error``,
     cheap, for every step boundary) or ``wait`` / ``raise_if_failed`` raise it; ``submit``
@@ -179,11 +220,16 @@ class BackgroundWriter:
         self._error: BaseException | None = None
 
     def submit(self, state: dict[str, Any], path: str, then: Callable[[str], None] | None = None) -> None:
+        """Write ``state`` to ``path``, then call ``then(path)``."""
+        self.run(functools.partial(_write_then, state, path, then))
+
+    def run(self, job: Callable[[], None]) -> None:
+        """Run ``job`` on the writer thread, after the previous one."""
         self.join()
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._work, name="distloop-checkpoint-writer", daemon=True)
             self._thread.start()
-        self._jobs.put((state, path, then))
+        self._jobs.put(job)
 
     def join(self) -> None:
         """Block until every submitted write is done, failed ones included."""
@@ -225,16 +271,19 @@ class BackgroundWriter:
             if job is None:  # close()
                 self._jobs.task_done()
                 return
-            state, path, then = job
             try:
-                write_atomic(state, path)
-                if then is not None:
-                    then(path)
+                job()
             except BaseException as err:  # noqa: BLE001 - handed to the training thread
                 self._error = err
             finally:
-                state = then = None  # do not hold a checkpoint's worth of memory until the next save
+                job = None  # do not hold a checkpoint's worth of memory until the next save
                 self._jobs.task_done()
+
+
+def _write_then(state: dict[str, Any], path: str, then: Callable[[str], None] | None) -> None:
+    write_atomic(state, path)
+    if then is not None:
+        then(path)
 
 
 def snapshot(obj: Any, _copies: dict | None = None) -> Any:
@@ -244,6 +293,8 @@ def snapshot(obj: Any, _copies: dict | None = None) -> Any:
     file is the same as a direct ``torch.save`` would write.
     """
     copies = {} if _copies is None else _copies
+    if isinstance(obj, torch.Tensor) and obj.is_meta:  # a sharded checkpoint's placeholder: no data
+        return obj
     if isinstance(obj, torch.Tensor):
         tensor = obj.detach()
         storage = tensor.untyped_storage()
@@ -258,4 +309,157 @@ def snapshot(obj: Any, _copies: dict | None = None) -> Any:
         return type(obj)(*(snapshot(v, copies) for v in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(snapshot(v, copies) for v in obj)
+    return obj
+
+
+# --------------------------------------------------------------- sharded checkpoint directories
+@dataclasses.dataclass
+class ShardedSave:
+    """One rank's part of a sharded checkpoint: its shards, and (on global rank zero) the rest."""
+
+    shards: dict[str, DTensor]  # by their place in the checkpoint, e.g. "state_dict/0.weight"
+    skeleton: dict[str, Any] | None  # the checkpoint, each shard a meta tensor; None off rank zero
+
+
+def split_sharded(checkpoint: dict[str, Any], keep_skeleton: bool) -> ShardedSave:
+    """``checkpoint``'s DTensors by key, and (if ``keep_skeleton``) the checkpoint without them."""
+    shards: dict[str, DTensor] = {}
+
+    def cut(obj: Any, where: tuple) -> Any:
+        if isinstance(obj, DTensor):
+            key = _key(where)
+            if key in shards:
+                raise CheckpointError(f"Two sharded tensors of the checkpoint are both named {key!r}.")
+            shards[key] = obj
+            return torch.empty(obj.shape, dtype=obj.dtype, device="meta")
+        return _map_children(obj, where, cut)
+
+    skeleton = cut(checkpoint, ())
+    return ShardedSave(shards, skeleton if keep_skeleton else None)
+
+
+def stage_sharded(save: ShardedSave) -> ShardedSave:
+    """A copy of ``save`` that training cannot change: each rank's local shards on the CPU."""
+    shards = {key: DTensor.from_local(snapshot(d.to_local()), d.device_mesh, d.placements, run_check=False,
+                                      shape=d.shape, stride=d.stride()) for key, d in save.shards.items()}
+    return ShardedSave(shards, None if save.skeleton is None else snapshot(save.skeleton))
+
+
+def write_sharded(save: ShardedSave, path: str, group: Any, then: Callable[[str], None] | None = None) -> None:
+    """Write the directory ``path``: a collective over ``group`` (every rank writes its shards).
+
+    It is built as a hidden sibling and renamed into place by global rank zero after its
+    ``run.pt``, then ``then(path)`` runs there; a crash before leaves ``path`` as it was.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    partial = os.path.join(directory, f".{name}.partial")
+    zero = save.skeleton is not None
+    if zero:
+        os.makedirs(directory, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # a save that crashed
+        os.makedirs(partial)
+    dist.barrier(group=group)  # the directory exists, empty, before any rank writes into it
+    try:
+        dcp.save(save.shards, storage_writer=dcp.FileSystemWriter(partial), process_group=group)
+    except Exception as err:  # noqa: BLE001 - DCP raises on every rank when one fails
+        raise CheckpointError(f"Could not write sharded checkpoint {path}: {err}. Earlier checkpoints are "
+                              "intact.") from err
+    if not zero:
+        return
+    assert save.skeleton is not None
+    write_atomic(save.skeleton, os.path.join(partial, RUN_FILE))
+    _rename_into_place(partial, path)
+    if then is not None:
+        then(path)
+
+
+def _rename_into_place(built: str, path: str) -> None:
+    """``built`` becomes ``path``, whatever was there (a file, a link, an older directory) removed."""
+    old = None
+    if os.path.lexists(path):
+        old = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.{secrets.token_hex(6)}.old"
+        os.rename(path, old)
+    os.rename(built, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+    if old is not None:
+        remove(old)
+
+
+def remove(path: str) -> None:
+    """Delete a checkpoint: a file, a link, or a sharded directory."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+def _fill_sharded(state: dict[str, Any], path: str) -> None:
+    """Replace ``run.pt``'s placeholders with the full tensors from the shards (no collective)."""
+    placeholders = dict(_placeholders(state))
+    if not placeholders:
+        return
+    full = {key: torch.empty(t.shape, dtype=t.dtype) for key, t in placeholders.items()}
+    try:
+        with warnings.catch_warnings():  # that no process group takes part is what no_dist says
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(full, storage_reader=dcp.FileSystemReader(path), no_dist=True)
+    except Exception as err:  # noqa: BLE001 - missing or damaged shards mean the same to the user
+        raise CheckpointError(f"The shards of {path} do not load: {type(err).__name__}: {str(err)[:300]}") from err
+
+    def fill(obj: Any, where: tuple) -> Any:
+        if isinstance(obj, torch.Tensor) and obj.is_meta:
+            return full[_key(where)]
+        return _map_children(obj, where, fill)
+
+    for name in list(state):
+        state[name] = fill(state[name], (name,))
+
+
+def check_sharded(path: str) -> dict[str, Any]:
+    """``run.pt``'s dict if the shards hold every tensor it names, with its shape; reads no shard."""
+    state = _read_run_file(path)
+    try:
+        metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as err:  # noqa: BLE001
+        raise CheckpointError(f"{path} has no readable shard metadata: {type(err).__name__}: {err}") from err
+    for key, tensor in _placeholders(state):
+        saved = metadata.get(key)
+        if saved is None or tuple(getattr(saved, "size", ())) != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: the shards lack {key!r} of shape {tuple(tensor.shape)}.")
+    return state
+
+
+def consolidate(src: str, dst: str, optimizer: bool = False) -> None:
+    """Write the checkpoint ``src`` (a sharded directory, or a file) as one file at ``dst``: the
+    full module state dict (``state_dict``) and hyperparameters, and the optimizer states if
+    ``optimizer``; for inference, export and sharing (``torch.load(dst, weights_only=True)``)."""
+    state = load(src)
+    keep = HEADER + WEIGHTS_ONLY_PARTS + (("optimizer_states",) if optimizer else ())
+    write_atomic({k: state[k] for k in keep if k in state}, dst)
+
+
+def _placeholders(obj: Any, where: tuple = ()) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(obj, torch.Tensor):
+        if obj.is_meta:
+            yield _key(where), obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _placeholders(v, (*where, k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _placeholders(v, (*where, i))
+
+
+def _key(where: tuple) -> str:
+    return "/".join(str(part) for part in where)
+
+
+def _map_children(obj: Any, where: tuple, fn: Callable[[Any, tuple], Any]) -> Any:
+    """``obj`` with ``fn(child, place)`` applied to each child of a dict, list or tuple."""
+    if isinstance(obj, dict):
+        return {k: fn(v, (*where, k)) for k, v in obj.items()}
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(fn(v, (*where, i)) for i, v in enumerate(obj)))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(fn(v, (*where, i)) for i, v in enumerate(obj))
     return obj

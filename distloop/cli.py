@@ -10,12 +10,15 @@ Three ways to run, one run directory each:
   the config (only it writes Hydra's files) and broadcasts the run directory and resolved
   config to the others.
 
+``distloop consolidate SRC DST`` is not a run: it writes a checkpoint as one file.
+
 Errors a user can fix (bad config, bad module, a non-finite loss) end the command with a
 message on stderr and exit code 2, not a stack trace.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -30,9 +33,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 
-from distloop.checkpoint import CheckpointError
+from distloop.checkpoint import CheckpointError, consolidate
 from distloop.errors import MisconfigurationError
-from distloop.strategies import DDPStrategy
+from distloop.strategies import DDPStrategy, FSDPStrategy
 from distloop.strategies.ddp import distributed_env, init_default_group
 from distloop.strategies.devices import (check_backend, check_one_process, check_processes_per_node,
                                         check_strategy, uses_cuda)
@@ -67,16 +70,19 @@ def instantiate(node: Any, where: str, **kwargs: Any) -> Any:
         raise MisconfigurationError(f"Could not build `{where}` ({node._target_}): {err}") from err
 
 
+_PARALLEL = {"ddp": DDPStrategy, "fsdp": FSDPStrategy}
+
+
 def build_strategy(cfg: DictConfig) -> Any:
     """The Strategy (or its name) from the ``strategy`` group."""
     options = OmegaConf.to_container(cfg.strategy, resolve=True)
     assert isinstance(options, dict)
     name = options.pop("name", "auto")
-    if name == "ddp":
+    if name in _PARALLEL:
         options.pop("devices", None)
         precision = cfg.trainer.get("precision", "32")
         try:
-            return DDPStrategy(precision=precision, **options)
+            return _PARALLEL[name](precision=precision, **options)
         except TypeError as err:
             raise MisconfigurationError(f"Bad `strategy` config: {err}") from err
     return name
@@ -253,9 +259,33 @@ def _main_under_outer_launcher() -> None:
             dist.destroy_process_group()
 
 
+def consolidate_command(argv: list[str]) -> None:
+    """``distloop consolidate SRC DST``: a checkpoint (a sharded directory, or a file) as one file."""
+    parser = argparse.ArgumentParser(
+        prog="distloop consolidate",
+        description="Write a checkpoint (an FSDP checkpoint directory, or a file) as one file holding the full "
+                    "module state dict ('state_dict') and hyperparameters, readable with "
+                    "torch.load(path, weights_only=True).")
+    parser.add_argument("src", help="the checkpoint: a directory (strategy=fsdp) or a .ckpt file")
+    parser.add_argument("dst", help="the file to write")
+    parser.add_argument("--optimizer", action="store_true", help="also keep the optimizer states")
+    args = parser.parse_args(argv)
+    with user_errors():
+        if os.path.abspath(args.src) == os.path.abspath(args.dst):
+            raise MisconfigurationError("distloop consolidate: DST must differ from SRC.")
+        consolidate(args.src, args.dst, optimizer=args.optimizer)
+    print(f"distloop: wrote {args.dst}", file=sys.stderr)
+
+
+# Commands that are not a training run (which takes Hydra overrides, not a command name).
+COMMANDS = {"consolidate": consolidate_command}
+
+
 def main() -> None:
     """Console entry point (`distloop` and `python -m distloop`)."""
-    if distributed_env()[2] > 1:
+    if len(sys.argv) > 1 and sys.argv[1] in COMMANDS:
+        COMMANDS[sys.argv[1]](sys.argv[2:])
+    elif distributed_env()[2] > 1:
         _main_under_outer_launcher()
     else:
         _hydra_app()

@@ -34,7 +34,7 @@ from typing import IO, Any, Callable, Sequence, TypeVar, Union
 import torch
 from torch import nn
 
-from distloop.checkpoint import FORMAT, VERSION, CheckpointError, upgrade
+from distloop.checkpoint import FORMAT, VERSION, CheckpointError, load, upgrade
 from distloop.errors import MisconfigurationError
 
 IMPORT_KEY = "_import_"
@@ -419,6 +419,8 @@ def _read(path: _Path | IO, map_location: Any, weights_only: bool | None) -> dic
         raise MisconfigurationError("load_from_checkpoint(weights_only=False): distloop checkpoints hold plain "
                                     "data only and are always read with weights_only=True.")
     is_path = isinstance(path, (str, os.PathLike))
+    if is_path and os.path.isdir(path):  # a sharded checkpoint: its full tensors, on the CPU
+        return load(os.fspath(path))
     if is_path and not os.path.isfile(path):
         raise CheckpointError(f"No checkpoint file at {path}.")
     try:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Collection, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from distloop.checkpoint import FORMAT, VERSION, CheckpointError
+from distloop.checkpoint import FORMAT, HEADER, VERSION, WEIGHTS_ONLY_PARTS, CheckpointError
 from distloop.errors import MisconfigurationError
 from distloop.hparams import checkpoint_hparams, hparams_name
 from distloop.rng import capture_rng, restore_rng
@@ -49,10 +49,6 @@ class StateFn:
         self.load(state_dict)
 
 
-HEADER = ("format", "version", "global_step", "epoch", "world_size")
-# What a weights-only checkpoint keeps (``ModelCheckpoint(save_weights_only=True)``), besides the header.
-WEIGHTS_ONLY_PARTS = ("state_dict", "hyper_parameters", "hparams_name", "datamodule_hyper_parameters",
-                      "datamodule_hparams_name")
 # What ``fit`` restores before ``on_fit_start``, as Lightning does; the rest loads after it.
 MODULE_PARTS = ("state_dict", "callbacks")
 

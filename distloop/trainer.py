@@ -24,7 +24,7 @@ from distloop.callbacks.model_summary import ModelSummary
 from distloop.control import Control, Request
 from distloop.data import num_batches, prepare_loader, seed_workers
 from distloop.datamodule import DataModule
-from distloop.checkpoint import CheckpointError
+from distloop.checkpoint import WEIGHTS_ONLY_PARTS, CheckpointError
 from distloop.errors import PREEMPTED_EXIT_CODE, MisconfigurationError, Preempted
 from distloop.hparams import merged_hparams
 from distloop.hooks import Hooks
@@ -38,7 +38,7 @@ from distloop.rank_zero import rank_zero_warn
 from distloop.results import ResultCollection
 from distloop.rng import seed_everything, seeding_workers
 from distloop.stages import RunningStage, TrainerFn, TrainerState, TrainerStatus
-from distloop.state import MODULE_PARTS, WEIGHTS_ONLY_PARTS, trainer_state
+from distloop.state import MODULE_PARTS, trainer_state
 from distloop.strategies import Strategy, resolve_strategy
 
 

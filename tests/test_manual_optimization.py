@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from _spawn import spawn
 from distloop import Callback, LoopModule, MisconfigurationError, ModelCheckpoint, Trainer
-from distloop.checkpoint import newest_valid
+from distloop.checkpoint import load, newest_valid
 from distloop.optim import LoopOptimizer, NoOptimizer, parse_optimizers
 from resume_helpers import CrashAt
 
@@ -486,7 +486,7 @@ def run_result(trainer: Trainer, gan: GAN) -> dict[str, Any]:
 def test_checkpoint_holds_both_optimizers_and_resume_is_bitwise(tmp_path):
     full = run_result(*fit_resumable(str(tmp_path / "full")))
     fit_resumable(str(tmp_path / "run"), CrashAt(10))  # mid-epoch; the last checkpoint is step 8's
-    _, checkpoint, _ = newest_valid([str(tmp_path / "run" / "checkpoints")])
+    checkpoint = load(newest_valid([str(tmp_path / "run" / "checkpoints")])[0])
     assert checkpoint["global_step"] == 8
     assert len(checkpoint["optimizer_states"]) == 2 and len(checkpoint["lr_schedulers"]) == 2
     assert all(s["state"] for s in checkpoint["optimizer_states"])  # both Adams have moments to restore
@@ -576,7 +576,7 @@ def test_ddp_gan_averages_gradients_over_ranks(two_rank_gan):
 @pytest.mark.timeout(600)
 def test_ddp_gan_crash_and_resume_is_bitwise(tmp_path, two_rank_gan):
     run_ranks(tmp_path, "crash", crash_at=14)  # mid-epoch 1 (8 steps an epoch); the last checkpoint is step 12's
-    assert newest_valid([str(tmp_path / "checkpoints")])[1]["global_step"] == 12
+    assert load(newest_valid([str(tmp_path / "checkpoints")])[0])["global_step"] == 12
     resumed = run_ranks(tmp_path, "resumed", ckpt_path="last")
     for rank in range(2):
         for part in ("step", "state", "optimizers"):

@@ -29,7 +29,7 @@ import yaml
 from torch import Tensor
 
 from distloop.callbacks.callback import Callback
-from distloop.checkpoint import LAST, point_last
+from distloop.checkpoint import LAST, point_last, remove
 from distloop.control import Request
 from distloop.errors import MisconfigurationError
 
@@ -460,8 +460,7 @@ class ModelCheckpoint(Callback):
             if link_last:
                 point_last(directory, written)
             for old in stale:
-                if os.path.exists(old):
-                    os.remove(old)
+                remove(old)
 
         return done
 

@@ -16,7 +16,7 @@ import torch
 from distloop.errors import MisconfigurationError
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu")
-STRATEGIES = ("auto", "single_device", "ddp")
+STRATEGIES = ("auto", "single_device", "ddp", "fsdp")
 
 
 def _key(name: str, config: bool) -> str:
@@ -98,6 +98,6 @@ def check_one_process(strategy: Any, world_size: int, *, config: bool = False) -
         return
     if config:
         raise MisconfigurationError(f"strategy={strategy} runs one process, but the launcher starts {world_size}: "
-                                    "use strategy=ddp.")
+                                    "use strategy=ddp (or fsdp).")
     raise MisconfigurationError(f"strategy={strategy!r} runs one process, but WORLD_SIZE={world_size}: "
-                                "use strategy='ddp' (or 'auto').")
+                                "use strategy='ddp', 'fsdp' or 'auto'.")

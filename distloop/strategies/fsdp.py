@@ -7,9 +7,14 @@ methods registered as FSDP forward methods, so ``training_step`` gathers the par
 uses the way ``forward`` does. FSDP reduce-scatters the gradients in backward, so manual
 optimization needs nothing of its own.
 
-Checkpoints hold full (unsharded) state dicts in the single-file format every strategy
-reads, gathered onto rank zero with the CPU as staging: so a checkpoint saved on N ranks
-resumes on any M ranks, under DDP or on one device, and a DDP checkpoint continues here.
+Checkpoints (``state_dict_type="sharded"``, the default) are directories: every rank
+writes its own shards with ``torch.distributed.checkpoint``, nothing is gathered, and by
+default training waits only while its shards are copied; the write runs on the checkpoint
+writer thread over a gloo group of its own, never the training group (a collective on the
+main thread and one on the writer must not share a group). ``"full"`` gathers full state
+dicts onto rank zero and writes the single file the other strategies write. Either kind
+resumes on any number of ranks, under DDP or on one device, and a DDP checkpoint
+continues here: loading reads full tensors and each rank keeps its shard.
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
-from typing import Any, ContextManager, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
@@ -28,6 +34,7 @@ from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecision
                                     register_fsdp_forward_method)
 from torch.optim import Optimizer
 
+from distloop.checkpoint import CheckpointError, split_sharded, stage_sharded, write_sharded
 from distloop.errors import MisconfigurationError
 from distloop.optim import optimizer_state_by_index, optimizer_state_by_name
 from distloop.strategies.ddp import DDPStrategy
@@ -37,6 +44,7 @@ from distloop.strategies.strategy import Strategy, training_step_of
 _STEP_METHODS = ("training_step", "validation_step", "test_step", "predict_step")
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)  # the full state, on rank zero's CPU
 _FULL = StateDictOptions(full_state_dict=True)  # a full state on every rank, each keeping its shard
+STATE_DICT_TYPES = ("sharded", "full")
 
 
 class FSDPStrategy(DDPStrategy):
@@ -50,12 +58,15 @@ class FSDPStrategy(DDPStrategy):
         reshard_after_forward: bool = True,
         cpu_offload: bool = False,
         sync_every_micro_batch: bool = True,
+        state_dict_type: str = "sharded",
     ) -> None:
         """``shard_modules``: the classes (or their import paths) to shard on their own, e.g.
         ``[nn.TransformerEncoderLayer]``; by default each direct child of the module that holds
         parameters. ``sync_every_micro_batch=False`` skips the reduce-scatter until the last
         micro-batch of ``accumulate_grad_batches``: less communication, but every rank then
-        holds unsharded gradients while it accumulates."""
+        holds unsharded gradients while it accumulates. ``state_dict_type``: ``"sharded"``
+        checkpoints are directories of every rank's shards; ``"full"`` ones, single files
+        gathered on rank zero (the model must fit in its CPU memory)."""
         super().__init__(accelerator, precision, backend, timeout_s)
         if self.precision.precision == "16-mixed":
             raise MisconfigurationError("strategy='fsdp' does not support precision='16-mixed' (its grad scaler "
@@ -63,11 +74,29 @@ class FSDPStrategy(DDPStrategy):
         if cpu_offload and self.root_device.type != "cuda":
             raise MisconfigurationError("FSDPStrategy(cpu_offload=True) moves parameters from the GPU to the CPU; "
                                         "this run trains on the CPU already. Leave cpu_offload off.")
+        if state_dict_type not in STATE_DICT_TYPES:
+            raise MisconfigurationError(f"FSDPStrategy(state_dict_type={state_dict_type!r}): use one of "
+                                        f"{STATE_DICT_TYPES}.")
+        self.state_dict_type = state_dict_type
         self.shard_modules = tuple(_module_class(c) for c in shard_modules) if shard_modules else None
         self.reshard_after_forward = reshard_after_forward
         self.cpu_offload = cpu_offload
         self.sync_every_micro_batch = sync_every_micro_batch
         self.mesh: DeviceMesh | None = None
+        self._checkpoint_group: Any = None  # the sharded writes' own gloo group
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.state_dict_type == "sharded" and self._checkpoint_group is None:
+            self._checkpoint_group = dist.new_group(backend="gloo", timeout=self.timeout)
+
+    def teardown(self) -> None:
+        self.checkpoint_writer.close()  # the writes use the checkpoint group: finish them first
+        group, self._checkpoint_group = self._checkpoint_group, None
+        owns_default = self._owns_default_group
+        super().teardown()
+        if group is not None and not owns_default and dist.is_initialized():
+            dist.destroy_process_group(group)
 
     # --------------------------------------------------------------- set-up
     def setup_module(self, module: nn.Module) -> nn.Module:
@@ -125,8 +154,11 @@ class FSDPStrategy(DDPStrategy):
 
     # --------------------------------------------------------------- checkpoint state
     def module_state_dict(self) -> dict[str, Tensor]:
-        """The full state dict on global rank zero (empty elsewhere): a collective."""
+        """Sharded: this rank's shards (DTensors). Full: the full state dict on global rank zero,
+        empty elsewhere (a collective)."""
         assert self.module is not None
+        if self.state_dict_type == "sharded":
+            return get_model_state_dict(self.module)
         return get_model_state_dict(self.module, options=_GATHER)
 
     def load_module_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> None:
@@ -135,9 +167,11 @@ class FSDPStrategy(DDPStrategy):
         set_model_state_dict(self.module, state, options=StateDictOptions(full_state_dict=True, strict=strict))
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """The full optimizer state on global rank zero, keyed by parameter index as
-        ``Optimizer.state_dict`` keys it (what the other strategies save and load)."""
+        """Keyed by parameter index as ``Optimizer.state_dict`` keys it (what the other strategies
+        save and load). Sharded: this rank's shards; full: the full state on global rank zero."""
         assert self.module is not None
+        if self.state_dict_type == "sharded":
+            return optimizer_state_by_index(get_optimizer_state_dict(self.module, optimizer), self._names(optimizer))
         state = get_optimizer_state_dict(self.module, optimizer, options=_GATHER)
         return optimizer_state_by_index(state, self._names(optimizer)) if self.is_global_zero else {}
 
@@ -145,6 +179,29 @@ class FSDPStrategy(DDPStrategy):
         assert self.module is not None
         set_optimizer_state_dict(self.module, optimizer, optimizer_state_by_name(state, self._names(optimizer)),
                                  options=_FULL)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str, blocking: bool = True,
+                        then: Callable[[str], None] | None = None) -> None:
+        """Sharded: the directory ``path``, every rank writing its shards (see the module's doc);
+        with ``blocking=False`` this returns once they are copied. Full: the single file."""
+        if self.state_dict_type == "full":
+            super().save_checkpoint(checkpoint, path, blocking, then)
+            return
+        save = split_sharded(checkpoint, keep_skeleton=self.is_global_zero)
+        then = then if self.is_global_zero else None
+        if not blocking:
+            self.checkpoint_writer.run(functools.partial(write_sharded, stage_sharded(save), path,
+                                                         self._checkpoint_group, then))
+            return
+        error: Exception | None = None
+        try:
+            self.checkpoint_writer.wait()
+            write_sharded(save, path, self._checkpoint_group, then)
+        except Exception as err:  # noqa: BLE001 - every rank raises below, none waits for another
+            error = err
+        if not self.reduce_boolean_decision(error is None):
+            raise error if error is not None else CheckpointError(
+                f"Another rank could not write its part of checkpoint {path}; its error says why.")
 
     def _names(self, optimizer: Optimizer) -> list[str]:
         """The parameter names in ``optimizer``'s order (a parameter's index in its state dict)."""

@@ -6,6 +6,7 @@ from typing import Any
 
 from distloop.errors import MisconfigurationError
 from distloop.strategies.ddp import DDPStrategy, distributed_env
+from distloop.strategies.fsdp import FSDPStrategy
 from distloop.strategies.devices import check_accelerator, check_one_process, check_strategy, cuda_device, uses_cuda
 from distloop.strategies.single_device import SingleDeviceStrategy
 from distloop.strategies.strategy import Strategy
@@ -26,6 +27,8 @@ def resolve_strategy(strategy: str | Strategy, accelerator: str, devices: int | 
         raise MisconfigurationError(
             f"devices={devices} but only this one process runs: start {devices} processes with "
             f"`distloop launcher.nproc_per_node={devices} strategy=ddp` or `torchrun --nproc-per-node {devices}`.")
+    if strategy == "fsdp":
+        return FSDPStrategy(accelerator=accelerator, precision=precision)
     if strategy == "ddp" or (strategy == "auto" and world_size > 1):
         return DDPStrategy(accelerator=accelerator, precision=precision, **ddp_options)
     check_one_process(strategy, world_size)

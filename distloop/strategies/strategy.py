@@ -259,7 +259,7 @@ class Strategy(ABC):
         """The newest valid checkpoint in ``directories`` as rank zero sees it, on every rank."""
         found = None
         if self.is_global_zero:
-            found, _, skipped = newest_valid(directories)
+            found, skipped = newest_valid(directories)
             for note in skipped:
                 print(f"distloop: skipping a bad checkpoint: {note}", file=sys.stderr)
         return self.broadcast(found)
