@@ -122,12 +122,12 @@ def test_save_checkpoint_on_one_rank_is_a_clear_error(tmp_path):
     assert not (tmp_path / "only-zero.ckpt").exists()
 
 
-def distloop_run(run_dir, *overrides):
+def distloop_run(run_dir, *overrides, strategy="ddp"):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
     env["OMP_NUM_THREADS"] = "1"
     return run_command(
-        [sys.executable, "-m", "distloop", f"hydra.run.dir={run_dir}", "launcher.nproc_per_node=2", "strategy=ddp",
+        [sys.executable, "-m", "distloop", f"hydra.run.dir={run_dir}", "launcher.nproc_per_node=2", f"strategy={strategy}",
          "trainer.max_epochs=2", "trainer.deterministic=true", "test_after_fit=false", "callbacks=checkpoint",
          "callbacks.checkpoint.every_n_epochs=null", "+callbacks.checkpoint.every_n_train_steps=4",
          "callbacks.checkpoint.save_top_k=-1", *overrides], 400, env=env, cwd=run_dir.parent)
@@ -135,15 +135,17 @@ def distloop_run(run_dir, *overrides):
 
 @pytest.mark.e2e
 @pytest.mark.timeout(900)
-def test_a_rank_killed_under_torchrun_restarts_and_resumes_bitwise(tmp_path):
-    full = distloop_run(tmp_path / "full")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_rank_killed_under_torchrun_restarts_and_resumes_bitwise(tmp_path, strategy):
+    full = distloop_run(tmp_path / "full", strategy=strategy)
     assert full.returncode == 0, full.stderr[-3000:]
     killed = distloop_run(tmp_path / "killed", "launcher.max_restarts=1",
                           "+callbacks.kill._target_=failing_modules.KillAt", "+callbacks.kill.rank=1",
-                          "+callbacks.kill.step=10")
+                          "+callbacks.kill.step=10", strategy=strategy)
     assert killed.returncode == 0, killed.stderr[-3000:]
     assert "resumed from" in killed.stderr and "step=8.ckpt" in killed.stderr
     final = "epoch=1-step=20.ckpt"
+    assert (tmp_path / "killed" / "checkpoints" / final).is_dir() == (strategy == "fsdp")  # FSDP: shards
     a = load(str(tmp_path / "full" / "checkpoints" / final))
     b = load(str(tmp_path / "killed" / "checkpoints" / final))
     for name, value in a["state_dict"].items():

@@ -70,6 +70,7 @@ class EvaluationLoop(Loop):
         self._loaders: list[Iterable] = []
         self._limits: list[float] = []
         self._batches: BatchIterator | None = None
+        self._padding = 0  # steps to run after this rank's last batch (see run_padding_steps)
         self._step_fn: Any = None
         self._pass_batch_idx = True
         self._was_training = False
@@ -116,6 +117,7 @@ class EvaluationLoop(Loop):
         self.batch_progress.current.reset()
         self.batch_progress.is_last_batch = self._limits[idx] == 0
         self._batches = BatchIterator(self._loaders[idx], self._limits[idx])
+        self._padding = self.trainer.strategy.evaluation_steps_to_pad(self._batches.count)
         self.trainer.module.log_context.dataloader_idx = idx if len(self._loaders) > 1 else None
 
     def advance(self, dataloaders: Any, max_batches: Any = math.inf) -> None:
@@ -135,6 +137,8 @@ class EvaluationLoop(Loop):
         try:
             with trainer.strategy.evaluation_context(trainer.inference_mode), trainer.strategy.autocast():
                 outputs = self._step_fn(*args)
+            if progress.is_last_batch:
+                run_padding_steps(trainer, self._step_fn, args, self._padding)
         finally:
             module.log_context.fx = None
         progress.increment_processed()
@@ -159,6 +163,22 @@ class EvaluationLoop(Loop):
         if self._was_training:
             module.train()
         return split_by_dataloader(metrics, len(self._loaders))
+
+
+def run_padding_steps(trainer: Any, step_fn: Any, args: tuple, count: int) -> None:
+    """Run ``step_fn(*args)`` (this rank's last batch) ``count`` more times, with what it logs
+    and returns dropped and no hook called: so that this rank takes part in the collectives of
+    the steps other ranks still run (``Strategy.evaluation_steps_to_pad``)."""
+    if count <= 0:
+        return
+    context = trainer.module.log_context
+    kept, context.results = context.results, ResultCollection(training=False, device=trainer.strategy.root_device)
+    try:
+        for _ in range(count):
+            with trainer.strategy.evaluation_context(trainer.inference_mode), trainer.strategy.autocast():
+                step_fn(*args)
+    finally:
+        context.results = kept
 
 
 def check_dataloader_idx(module: Any, stage: str, count: int, hooks: Sequence[str]) -> None:

@@ -42,6 +42,11 @@ class BatchIterator:
         self.fetched += 1
         return batch
 
+    @property
+    def count(self) -> float | None:
+        """How many batches it yields, when the data has a length (``None`` otherwise)."""
+        return self._count
+
     def __iter__(self) -> BatchIterator:
         return self
 

@@ -6,7 +6,7 @@ import math
 from typing import Any, Iterable
 
 
-from distloop.loops.evaluation import as_dataloader_list, check_dataloader_idx
+from distloop.loops.evaluation import as_dataloader_list, check_dataloader_idx, run_padding_steps
 from distloop.loops.fetcher import BatchIterator, next_batch
 from distloop.loops.loop import Loop
 from distloop.module import takes_argument
@@ -26,6 +26,7 @@ class PredictionLoop(Loop):
         self._loaders: list[Iterable] = []
         self._limits: list[float] = []
         self._batches: BatchIterator | None = None
+        self._padding = 0  # steps to run after this rank's last batch (see run_padding_steps)
         self._pass_batch_idx = True
 
     @property
@@ -55,6 +56,7 @@ class PredictionLoop(Loop):
         self.batch_progress.current.reset()
         self.batch_progress.is_last_batch = self._limits[idx] == 0
         self._batches = BatchIterator(self._loaders[idx], self._limits[idx])
+        self._padding = self.trainer.strategy.evaluation_steps_to_pad(self._batches.count)
 
     def advance(self, dataloaders: Any, max_batches: Any = math.inf) -> None:
         assert self._batches is not None
@@ -70,6 +72,8 @@ class PredictionLoop(Loop):
         args = (batch, batch_idx, *extra) if self._pass_batch_idx else (batch, *extra)
         with trainer.strategy.evaluation_context(trainer.inference_mode), trainer.strategy.autocast():
             outputs = module.predict_step(*args)
+        if progress.is_last_batch:
+            run_padding_steps(trainer, module.predict_step, args, self._padding)
         progress.increment_processed()
         if self.return_predictions:
             self.predictions[self.dataloader_idx].append(outputs)

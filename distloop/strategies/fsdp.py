@@ -148,6 +148,21 @@ class FSDPStrategy(DDPStrategy):
         evaluation, and tensors made under ``inference_mode`` cannot be updated after it."""
         return torch.no_grad()
 
+    def evaluation_steps_to_pad(self, batches: float | None) -> int:
+        """Every forward all-gathers parameters, so every rank must run as many evaluation steps
+        as the rank with the most batches (evaluation data is split without padding, so that
+        metrics count each sample once). Data without a length cannot be counted: 0."""
+        mine = torch.tensor([-1.0 if batches is None else float(batches)], device=self.root_device)
+        most, fewest = float(self.reduce(mine, "max")), float(self.reduce(mine, "min"))
+        if fewest < 0:
+            return 0
+        if mine.item() == 0 and most > 0:
+            raise MisconfigurationError(
+                f"strategy='fsdp': rank {self.global_rank} has no evaluation batch while another has "
+                f"{int(most)}; every forward is a collective, so each rank needs at least one. Use fewer ranks "
+                "or more evaluation data.")
+        return int(most - mine.item())
+
     def manual_backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         """Backward: FSDP's hooks reduce-scatter (average) the gradients."""
         Strategy.manual_backward(self, loss, *args, **kwargs)

@@ -114,6 +114,11 @@ class Strategy(ABC):
         """No autograd while evaluating: ``torch.inference_mode`` (Trainer(inference_mode=True)) or ``no_grad``."""
         return torch.inference_mode() if inference_mode else torch.no_grad()
 
+    def evaluation_steps_to_pad(self, batches: float | None) -> int:
+        """How many steps more than its own ``batches`` this rank must run in an evaluation pass,
+        for strategies whose forward is a collective (FSDP); 0 for every other."""
+        return 0
+
     def backward(self, loss: Tensor) -> None:
         self.precision.backward(loss)
 
