@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
 FORMAT = "distloop-checkpoint"
@@ -40,7 +42,8 @@ HEADER = ("format", "version", "global_step", "epoch", "world_size")
 # What a weights-only checkpoint keeps (``ModelCheckpoint(save_weights_only=True)``), besides the header.
 WEIGHTS_ONLY_PARTS = ("state_dict", "hyper_parameters", "hparams_name", "datamodule_hyper_parameters",
                       "datamodule_hparams_name")
-RUN_FILE = "run.pt"  # in a sharded checkpoint directory: everything but the shards, written last
+RUN_FILE = "run.pt"
+_PARTIAL, _OLD = ".partial", ".old"  # hidden sharded directories: being written; replaced, being removed  # in a sharded checkpoint directory: everything but the shards, written last
 
 
 class CheckpointError(RuntimeError):
@@ -69,7 +72,7 @@ def write_atomic(state: dict[str, Any], path: str) -> None:
             stage = "syncing"
             os.fsync(f.fileno())
         stage = "renaming into place"
-        os.replace(tmp, path)
+        replace(tmp, path)
         stage = "syncing the directory"
         _fsync_dir(directory)
     except BaseException as err:
@@ -124,7 +127,7 @@ def point_last(directory: str, target: str) -> None:
     if os.path.lexists(tmp):
         os.unlink(tmp)
     os.symlink(os.path.relpath(target, directory), tmp)
-    os.replace(tmp, link)
+    replace(tmp, link)
 
 
 def _fsync_dir(directory: str) -> None:
@@ -338,9 +341,10 @@ def split_sharded(checkpoint: dict[str, Any], keep_skeleton: bool) -> ShardedSav
     return ShardedSave(shards, skeleton if keep_skeleton else None)
 
 
-def stage_sharded(save: ShardedSave) -> ShardedSave:
-    """A copy of ``save`` that training cannot change: each rank's local shards on the CPU."""
-    shards = {key: DTensor.from_local(snapshot(d.to_local()), d.device_mesh, d.placements, run_check=False,
+def stage_sharded(save: ShardedSave, cpu_mesh: Any) -> ShardedSave:
+    """A copy of ``save`` that training cannot change: each rank's local shards on the CPU, laid
+    out over ``cpu_mesh`` (the same ranks as the training mesh; a CUDA mesh would move them back)."""
+    shards = {key: DTensor.from_local(snapshot(d.to_local()), cpu_mesh, d.placements, run_check=False,
                                       shape=d.shape, stride=d.stride()) for key, d in save.shards.items()}
     return ShardedSave(shards, None if save.skeleton is None else snapshot(save.skeleton))
 
@@ -352,42 +356,65 @@ def write_sharded(save: ShardedSave, path: str, group: Any, then: Callable[[str]
     ``run.pt``, then ``then(path)`` runs there; a crash before leaves ``path`` as it was.
     """
     directory, name = os.path.split(os.path.abspath(path))
-    partial = os.path.join(directory, f".{name}.partial")
+    partial = os.path.join(directory, f".{name}{_PARTIAL}")
     zero = save.skeleton is not None
+    failure: OSError | None = None
     if zero:
-        os.makedirs(directory, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)  # a save that crashed
-        os.makedirs(partial)
-    dist.barrier(group=group)  # the directory exists, empty, before any rank writes into it
+        try:
+            os.makedirs(directory, exist_ok=True)
+            _remove_leftovers(directory)  # of saves that crashed
+            os.makedirs(partial)
+        except OSError as err:
+            failure = err
+    # Every rank runs the same collectives whatever failed, so that the next save pairs with the
+    # next save: the directory exists, empty, before any rank writes into it, or all give up.
+    ready = torch.tensor([0 if failure else 1])
+    dist.all_reduce(ready, op=dist.ReduceOp.MIN, group=group)
+    if not ready.item():
+        reason = f"{os.strerror(failure.errno) if failure.errno else failure}" if failure else "see rank zero's error"
+        raise CheckpointError(f"Could not write sharded checkpoint {path}: {reason} (while making {partial}). "
+                              "Earlier checkpoints are intact.") from failure
     try:
         dcp.save(save.shards, storage_writer=dcp.FileSystemWriter(partial), process_group=group)
-    except Exception as err:  # noqa: BLE001 - DCP raises on every rank when one fails
-        raise CheckpointError(f"Could not write sharded checkpoint {path}: {err}. Earlier checkpoints are "
-                              "intact.") from err
+    except (Exception, CheckpointException) as err:  # DCP raises on every rank when one fails
+        raise CheckpointError(f"Could not write sharded checkpoint {path}: {_dcp_reason(err)}. Earlier "
+                              "checkpoints are intact.") from err
     if not zero:
         return
     assert save.skeleton is not None
     write_atomic(save.skeleton, os.path.join(partial, RUN_FILE))
-    _rename_into_place(partial, path)
+    replace(partial, path)
+    _fsync_dir(directory)
     if then is not None:
         then(path)
 
 
-def _rename_into_place(built: str, path: str) -> None:
-    """``built`` becomes ``path``, whatever was there (a file, a link, an older directory) removed."""
-    old = None
-    if os.path.lexists(path):
-        old = f"{os.path.join(os.path.dirname(path), '.' + os.path.basename(path))}.{secrets.token_hex(6)}.old"
-        os.rename(path, old)
-    os.rename(built, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    if old is not None:
-        remove(old)
+def replace(src: str, dst: str) -> None:
+    """Rename ``src`` to ``dst``, whatever ``dst`` is: atomically (``os.replace``) unless one of
+    them is a directory (a sharded checkpoint), when ``dst`` is renamed aside first and removed."""
+    if not (os.path.lexists(dst) and (_is_dir(dst) or _is_dir(src))):
+        os.replace(src, dst)
+        return
+    aside = os.path.join(os.path.dirname(dst), f".{os.path.basename(dst)}.{secrets.token_hex(6)}{_OLD}")
+    os.rename(dst, aside)
+    os.rename(src, dst)
+    remove(aside)
+
+
+def _is_dir(path: str) -> bool:
+    return os.path.isdir(path) and not os.path.islink(path)
+
+
+def _remove_leftovers(directory: str) -> None:
+    """The hidden directories of saves that crashed, and of replaced checkpoints not yet removed."""
+    for name in os.listdir(directory):
+        if name.startswith(".") and (name.endswith(_PARTIAL) or name.endswith(_OLD)):
+            remove(os.path.join(directory, name))
 
 
 def remove(path: str) -> None:
     """Delete a checkpoint: a file, a link, or a sharded directory."""
-    if os.path.isdir(path) and not os.path.islink(path):
+    if _is_dir(path):
         shutil.rmtree(path)
     elif os.path.lexists(path):
         os.unlink(path)
@@ -403,8 +430,8 @@ def _fill_sharded(state: dict[str, Any], path: str) -> None:
         with warnings.catch_warnings():  # that no process group takes part is what no_dist says
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(full, storage_reader=dcp.FileSystemReader(path), no_dist=True)
-    except Exception as err:  # noqa: BLE001 - missing or damaged shards mean the same to the user
-        raise CheckpointError(f"The shards of {path} do not load: {type(err).__name__}: {str(err)[:300]}") from err
+    except (Exception, CheckpointException) as err:  # missing or damaged shards mean the same to the user
+        raise CheckpointError(f"The shards of {path} do not load: {_dcp_reason(err)}") from err
 
     def fill(obj: Any, where: tuple) -> Any:
         if isinstance(obj, torch.Tensor) and obj.is_meta:
@@ -415,17 +442,31 @@ def _fill_sharded(state: dict[str, Any], path: str) -> None:
         state[name] = fill(state[name], (name,))
 
 
+def _dcp_reason(err: BaseException) -> str:
+    """What went wrong, without the tracebacks DCP puts into its errors' messages."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))
+        if isinstance(err, tuple):  # (exception, traceback summary) in some torch versions
+            err = err[0]
+    return f"{type(err).__name__}: {str(err)[:300]}"
+
+
 def check_sharded(path: str) -> dict[str, Any]:
     """``run.pt``'s dict if the shards hold every tensor it names, with its shape; reads no shard."""
     state = _read_run_file(path)
     try:
-        metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    except Exception as err:  # noqa: BLE001
+        metadata = dcp.FileSystemReader(path).read_metadata()
+    except (Exception, CheckpointException) as err:
         raise CheckpointError(f"{path} has no readable shard metadata: {type(err).__name__}: {err}") from err
     for key, tensor in _placeholders(state):
-        saved = metadata.get(key)
-        if saved is None or tuple(getattr(saved, "size", ())) != tuple(tensor.shape):
-            raise CheckpointError(f"{path}: the shards lack {key!r} of shape {tuple(tensor.shape)}.")
+        saved = metadata.state_dict_metadata.get(key)
+        if (not isinstance(saved, TensorStorageMetadata) or tuple(saved.size) != tuple(tensor.shape)
+                or saved.properties.dtype != tensor.dtype):
+            raise CheckpointError(f"{path}: the shards lack {key!r} ({tensor.dtype} of shape {tuple(tensor.shape)}).")
+    for info in (metadata.storage_data or {}).values():  # every rank's file, complete
+        file = os.path.join(path, info.relative_path)
+        if not os.path.isfile(file) or os.path.getsize(file) < info.offset + info.length:
+            raise CheckpointError(f"{path}: shard file {info.relative_path} is missing or truncated.")
     return state
 
 
@@ -434,6 +475,9 @@ def consolidate(src: str, dst: str, optimizer: bool = False) -> None:
     full module state dict (``state_dict``) and hyperparameters, and the optimizer states if
     ``optimizer``; for inference, export and sharing (``torch.load(dst, weights_only=True)``)."""
     state = load(src)
+    if optimizer and not state.get("optimizer_states"):
+        raise CheckpointError(f"{src} holds no optimizer state (saved with save_weights_only=True, or outside fit): "
+                              "consolidate it without the optimizer.")
     keep = HEADER + WEIGHTS_ONLY_PARTS + (("optimizer_states",) if optimizer else ())
     write_atomic({k: state[k] for k in keep if k in state}, dst)
 

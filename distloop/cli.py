@@ -271,7 +271,7 @@ def consolidate_command(argv: list[str]) -> None:
     parser.add_argument("--optimizer", action="store_true", help="also keep the optimizer states")
     args = parser.parse_args(argv)
     with user_errors():
-        if os.path.abspath(args.src) == os.path.abspath(args.dst):
+        if os.path.realpath(args.src) == os.path.realpath(args.dst):
             raise MisconfigurationError("distloop consolidate: DST must differ from SRC.")
         consolidate(args.src, args.dst, optimizer=args.optimizer)
     print(f"distloop: wrote {args.dst}", file=sys.stderr)

@@ -419,8 +419,11 @@ def _read(path: _Path | IO, map_location: Any, weights_only: bool | None) -> dic
         raise MisconfigurationError("load_from_checkpoint(weights_only=False): distloop checkpoints hold plain "
                                     "data only and are always read with weights_only=True.")
     is_path = isinstance(path, (str, os.PathLike))
-    if is_path and os.path.isdir(path):  # a sharded checkpoint: its full tensors, on the CPU
-        return load(os.fspath(path))
+    if is_path and os.path.isdir(path):  # a sharded checkpoint: its full tensors, read onto the CPU
+        state = load(os.fspath(path))
+        if isinstance(map_location, (str, torch.device)):
+            state["state_dict"] = {k: v.to(map_location) for k, v in state.get("state_dict", {}).items()}
+        return state
     if is_path and not os.path.isfile(path):
         raise CheckpointError(f"No checkpoint file at {path}.")
     try:

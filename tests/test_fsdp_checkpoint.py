@@ -4,6 +4,7 @@ strategies, a crash mid-save, consolidation into one file."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from _spawn import spawn
 from distloop import Callback
-from distloop.checkpoint import LAST, RUN_FILE, consolidate, load, newest_valid
+from distloop.checkpoint import LAST, RUN_FILE, CheckpointError, consolidate, load, newest_valid
 from distloop.strategies import FSDPStrategy
 from resume_helpers import CrashAt, Net, dataset, fit, merged_seen
 
@@ -192,6 +193,13 @@ def test_consolidate_writes_one_file_a_plain_module_loads(tmp_path, full_fsdp):
     with_optimizer = torch.load(tmp_path / "with-optimizer.pt", weights_only=True)
     assert len(with_optimizer["optimizer_states"]) == 1
     assert with_optimizer["optimizer_states"][0]["state"][0]["exp_avg"].shape == (32, 6)
+    with pytest.raises(CheckpointError, match="no optimizer state"):
+        consolidate(str(dst), str(tmp_path / "again.pt"), optimizer=True)
+    link = tmp_path / "link.pt"
+    link.symlink_to(dst)
+    same = subprocess.run([sys.executable, "-m", "distloop", "consolidate", str(link), str(dst)],
+                          capture_output=True, text=True, timeout=120)
+    assert same.returncode == 2 and "must differ" in same.stderr
 
 
 def test_consolidate_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -199,3 +207,90 @@ def test_consolidate_of_a_missing_checkpoint_is_a_clear_error(tmp_path):
                            str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "No checkpoint at" in done.stderr
     assert not (tmp_path / "out.pt").exists()
+
+
+def _fail_to_start_a_save(rank, world_size, root):
+    """Rank zero cannot make the second save's directory: every rank must stop with an error."""
+    import errno
+
+    import distloop.checkpoint as checkpoint
+    from distloop import ModelCheckpoint, Trainer
+    from distloop.checkpoint import CheckpointError
+    from resume_helpers import loaders
+
+    real, calls = checkpoint._remove_leftovers, []
+
+    def failing(directory):
+        calls.append(directory)
+        if len(calls) == 2:
+            raise OSError(errno.EACCES, "Permission denied", directory)
+        real(directory)
+
+    checkpoint._remove_leftovers = failing  # only rank zero prepares the directory
+    trainer = Trainer(strategy=_strategy("fsdp"), max_epochs=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, accumulate_grad_batches=2, default_root_dir=root,
+                      callbacks=[ModelCheckpoint(dirpath=f"{root}/checkpoints", every_n_train_steps=2,
+                                                 save_top_k=-1)])
+    try:
+        trainer.fit(Net(), *loaders())
+        outcome = "trained on"
+    except CheckpointError as err:
+        outcome = str(err)
+    torch.save({"outcome": outcome, "step": trainer.global_step}, f"{root}/rank{rank}.pt")
+
+
+@pytest.mark.timeout(300)
+def test_a_rank_that_cannot_start_an_async_save_stops_every_rank_with_its_error(tmp_path):
+    spawn(_fail_to_start_a_save, 2, str(tmp_path), init=False, timeout=100)  # no waiting for a timeout
+    zero, one = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert "Permission denied" in zero["outcome"] and "epoch=0-step=4.ckpt" in zero["outcome"]
+    assert "could not write sharded checkpoint" in one["outcome"].lower()
+    assert zero["step"] == one["step"] < 12  # both stopped, together, soon after the failed save
+    assert not (tmp_path / "checkpoints" / "epoch=0-step=4.ckpt").exists()
+    assert (tmp_path / "checkpoints" / "epoch=0-step=2.ckpt").is_dir()  # the saves before it are intact
+
+
+class _Score(Net):
+    """A monitored value that improves at step 8 only: the later saves write last.ckpt itself."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("score", torch.tensor(1.0 if self.trainer.global_step + 1 == 8 else 0.0), sync_dist=True)
+        return loss
+
+
+def _fit_with_save_last(rank, world_size, root):
+    from distloop import ModelCheckpoint, Trainer
+    from resume_helpers import loaders
+
+    checkpoint = ModelCheckpoint(dirpath=f"{root}/checkpoints", monitor="score", mode="max", save_last=True,
+                                 every_n_train_steps=4)
+    trainer = Trainer(strategy=_strategy("fsdp"), max_epochs=2, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=root, callbacks=[checkpoint])
+    trainer.fit(_Score(), *loaders())
+
+
+@pytest.mark.timeout(300)
+def test_last_can_be_a_directory_then_a_link_again(tmp_path):
+    spawn(_fit_with_save_last, 2, str(tmp_path), init=False, timeout=120)
+    directory = tmp_path / "checkpoints"
+    names = sorted(p.name for p in directory.iterdir())
+    assert names == ["epoch=0-step=8.ckpt", LAST], names  # no leftovers of the replaced directories
+    assert (directory / LAST).is_dir() and not (directory / LAST).is_symlink()  # the newest state itself
+    assert load(str(directory / LAST))["global_step"] == 24
+
+
+def test_a_sharded_checkpoint_missing_a_shard_is_skipped_and_named(tmp_path, full_fsdp):
+    full_root, _ = full_fsdp
+    good, bad = tmp_path / "epoch=0-step=4.ckpt", tmp_path / "epoch=0-step=6.ckpt"
+    shutil.copytree(full_root / "checkpoints" / good.name, good)
+    shutil.copytree(full_root / "checkpoints" / bad.name, bad)
+    os.utime(bad, (os.path.getmtime(good) + 10,) * 2)
+    (bad / "__1_0.distcp").unlink()
+    path, skipped = newest_valid([str(tmp_path)])
+    assert path == str(good) and len(skipped) == 1 and "__1_0.distcp" in skipped[0]
+    with pytest.raises(CheckpointError, match="do not load"):
+        load(str(bad))
+    done = subprocess.run([sys.executable, "-m", "distloop", "consolidate", str(bad), str(tmp_path / "out.pt")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and str(bad) in done.stderr and "Traceback" not in done.stderr

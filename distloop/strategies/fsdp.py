@@ -84,15 +84,17 @@ class FSDPStrategy(DDPStrategy):
         self.sync_every_micro_batch = sync_every_micro_batch
         self.mesh: DeviceMesh | None = None
         self._checkpoint_group: Any = None  # the sharded writes' own gloo group
+        self._checkpoint_mesh: DeviceMesh | None = None  # its ranks, for the shards staged on the CPU
 
     def setup_environment(self) -> None:
         super().setup_environment()
         if self.state_dict_type == "sharded" and self._checkpoint_group is None:
             self._checkpoint_group = dist.new_group(backend="gloo", timeout=self.timeout)
+            self._checkpoint_mesh = DeviceMesh.from_group(self._checkpoint_group, "cpu")
 
     def teardown(self) -> None:
         self.checkpoint_writer.close()  # the writes use the checkpoint group: finish them first
-        group, self._checkpoint_group = self._checkpoint_group, None
+        group, self._checkpoint_group, self._checkpoint_mesh = self._checkpoint_group, None, None
         owns_default = self._owns_default_group
         super().teardown()
         if group is not None and not owns_default and dist.is_initialized():
@@ -204,16 +206,18 @@ class FSDPStrategy(DDPStrategy):
             return
         save = split_sharded(checkpoint, keep_skeleton=self.is_global_zero)
         then = then if self.is_global_zero else None
+        self.checkpoint_writer.join()  # the previous save first: one staged copy at a time
         if not blocking:
-            self.checkpoint_writer.run(functools.partial(write_sharded, stage_sharded(save), path,
-                                                         self._checkpoint_group, then))
+            self.checkpoint_writer.run(functools.partial(write_sharded, stage_sharded(save, self._checkpoint_mesh),
+                                                         path, self._checkpoint_group, then))
             return
-        error: Exception | None = None
+        # Every rank writes, whatever its previous background write did, so that the ranks'
+        # collectives pair up; then all agree, and an earlier failure is raised with the rest.
+        error: BaseException | None = self.checkpoint_writer.take_error()
         try:
-            self.checkpoint_writer.wait()
             write_sharded(save, path, self._checkpoint_group, then)
         except Exception as err:  # noqa: BLE001 - every rank raises below, none waits for another
-            error = err
+            error = error or err
         if not self.reduce_boolean_decision(error is None):
             raise error if error is not None else CheckpointError(
                 f"Another rank could not write its part of checkpoint {path}; its error says why.")
