@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 
 import torch
@@ -82,3 +83,16 @@ def code_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         return f"distloop {distloop.__version__}"
     return f"distloop {distloop.__version__} ({head}{', with uncommitted changes to distloop/' if dirty else ''})"
+
+
+def machine_cpu_seconds() -> float:
+    """CPU seconds used by every process on this machine since boot (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds used by this process and its finished children (the ranks, once joined)."""
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))

@@ -34,7 +34,6 @@ import functools
 import gc
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -52,7 +51,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 import distloop
-from _common import LR, Bench, code_version, cpu_model, loop_only, metric_scales, metric_values
+from _common import (LR, Bench, code_version, cpu_model, loop_only, machine_cpu_seconds, metric_scales, metric_values,
+                     own_cpu_seconds)
 from distloop.strategies import DDPStrategy
 from distloop.strategies.ddp import free_port
 
@@ -442,19 +442,6 @@ def rank_main(rank: int, port: int, args: argparse.Namespace) -> None:
             report(args, counts, runs)
     finally:
         dist.destroy_process_group()
-
-
-def machine_cpu_seconds() -> float:
-    """CPU seconds used by every process on this machine since boot (from /proc/stat)."""
-    with open("/proc/stat") as f:
-        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds used by this process and its finished children (the ranks, once joined)."""
-    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
-                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 def main() -> None:

@@ -320,13 +320,27 @@ def snapshot(obj: Any, _copies: dict | None = None) -> Any:
 class ShardedSave:
     """One rank's part of a sharded checkpoint: its shards, and (on global rank zero) the rest."""
 
-    shards: dict[str, DTensor]  # by their place in the checkpoint, e.g. "state_dict/0.weight"
+    shards: dict[str, DTensor | StagedShard]  # by their place in the checkpoint, e.g. "state_dict/0.weight"
     skeleton: dict[str, Any] | None  # the checkpoint, each shard a meta tensor; None off rank zero
+
+
+@dataclasses.dataclass
+class StagedShard:
+    """A copy of a DTensor's local shard and its layout, made a DTensor again on the writer thread."""
+
+    local: torch.Tensor
+    placements: tuple
+    shape: torch.Size
+    stride: tuple
+
+    def on(self, mesh: Any) -> DTensor:
+        return DTensor.from_local(self.local, mesh, self.placements, run_check=False, shape=self.shape,
+                                  stride=self.stride)
 
 
 def split_sharded(checkpoint: dict[str, Any], keep_skeleton: bool) -> ShardedSave:
     """``checkpoint``'s DTensors by key, and (if ``keep_skeleton``) the checkpoint without them."""
-    shards: dict[str, DTensor] = {}
+    shards: dict[str, DTensor | StagedShard] = {}
 
     def cut(obj: Any, where: tuple) -> Any:
         if isinstance(obj, DTensor):
@@ -341,16 +355,19 @@ def split_sharded(checkpoint: dict[str, Any], keep_skeleton: bool) -> ShardedSav
     return ShardedSave(shards, skeleton if keep_skeleton else None)
 
 
-def stage_sharded(save: ShardedSave, cpu_mesh: Any) -> ShardedSave:
-    """A copy of ``save`` that training cannot change: each rank's local shards on the CPU, laid
-    out over ``cpu_mesh`` (the same ranks as the training mesh; a CUDA mesh would move them back)."""
-    shards = {key: DTensor.from_local(snapshot(d.to_local()), cpu_mesh, d.placements, run_check=False,
-                                      shape=d.shape, stride=d.stride()) for key, d in save.shards.items()}
+def stage_sharded(save: ShardedSave) -> ShardedSave:
+    """A copy of ``save`` that training cannot change: each rank's local shards copied to the CPU
+    (only the copy happens here; ``write_sharded`` lays them out again)."""
+    shards: dict[str, DTensor | StagedShard] = {
+        key: StagedShard(snapshot(d.to_local()), d.placements, d.shape, d.stride())
+        for key, d in save.shards.items() if isinstance(d, DTensor)}
     return ShardedSave(shards, None if save.skeleton is None else snapshot(save.skeleton))
 
 
-def write_sharded(save: ShardedSave, path: str, group: Any, then: Callable[[str], None] | None = None) -> None:
-    """Write the directory ``path``: a collective over ``group`` (every rank writes its shards).
+def write_sharded(save: ShardedSave, path: str, group: Any, then: Callable[[str], None] | None = None,
+                  cpu_mesh: Any = None) -> None:
+    """Write the directory ``path``: a collective over ``group`` (every rank writes its shards;
+    staged ones are laid out over ``cpu_mesh``, the ranks of ``group`` on the CPU).
 
     It is built as a hidden sibling and renamed into place by global rank zero after its
     ``run.pt``, then ``then(path)`` runs there; a crash before leaves ``path`` as it was.
@@ -374,8 +391,10 @@ def write_sharded(save: ShardedSave, path: str, group: Any, then: Callable[[str]
         reason = f"{os.strerror(failure.errno) if failure.errno else failure}" if failure else "see rank zero's error"
         raise CheckpointError(f"Could not write sharded checkpoint {path}: {reason} (while making {partial}). "
                               "Earlier checkpoints are intact.") from failure
+    shards = {key: shard.on(cpu_mesh) if isinstance(shard, StagedShard) else shard
+              for key, shard in save.shards.items()}
     try:
-        dcp.save(save.shards, storage_writer=dcp.FileSystemWriter(partial), process_group=group)
+        dcp.save(shards, storage_writer=dcp.FileSystemWriter(partial), process_group=group)
     except (Exception, CheckpointException) as err:  # DCP raises on every rank when one fails
         raise CheckpointError(f"Could not write sharded checkpoint {path}: {_dcp_reason(err)}. Earlier "
                               "checkpoints are intact.") from err

@@ -174,8 +174,8 @@ class FSDPStrategy(DDPStrategy):
         """Sharded: this rank's shards (DTensors). Full: the full state dict on global rank zero,
         empty elsewhere (a collective)."""
         assert self.module is not None
-        if self.state_dict_type == "sharded":
-            return get_model_state_dict(self.module)
+        if self.state_dict_type == "sharded":  # FSDP2's own: DTensors under the plain names
+            return self.module.state_dict()
         return get_model_state_dict(self.module, options=_GATHER)
 
     def load_module_state_dict(self, state: dict[str, Tensor], strict: bool = True) -> None:
@@ -187,8 +187,8 @@ class FSDPStrategy(DDPStrategy):
         """Keyed by parameter index as ``Optimizer.state_dict`` keys it (what the other strategies
         save and load). Sharded: this rank's shards; full: the full state on global rank zero."""
         assert self.module is not None
-        if self.state_dict_type == "sharded":
-            return optimizer_state_by_index(get_optimizer_state_dict(self.module, optimizer), self._names(optimizer))
+        if self.state_dict_type == "sharded":  # the optimizer's own: its states are DTensors, like its parameters
+            return optimizer.state_dict()
         state = get_optimizer_state_dict(self.module, optimizer, options=_GATHER)
         return optimizer_state_by_index(state, self._names(optimizer)) if self.is_global_zero else {}
 
@@ -208,8 +208,8 @@ class FSDPStrategy(DDPStrategy):
         then = then if self.is_global_zero else None
         self.checkpoint_writer.join()  # the previous save first: one staged copy at a time
         if not blocking:
-            self.checkpoint_writer.run(functools.partial(write_sharded, stage_sharded(save, self._checkpoint_mesh),
-                                                         path, self._checkpoint_group, then))
+            self.checkpoint_writer.run(functools.partial(write_sharded, stage_sharded(save), path,
+                                                         self._checkpoint_group, then, self._checkpoint_mesh))
             return
         # Every rank writes, whatever its previous background write did, so that the ranks'
         # collectives pair up; then all agree, and an earlier failure is raised with the rest.
