@@ -12,8 +12,8 @@ README = Path(__file__).parent.parent / "README.md"
 def test_readme_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) == 3
-    compile(blocks[2], "README resume example", "exec")  # a fragment: it uses the names above
+    assert len(blocks) == 4
+    compile(blocks[3], "README resume example", "exec")  # a fragment: it uses the names above
     namespace: dict = {}
     exec(blocks[0], namespace)
     assert namespace["trainer"].global_step > 0
@@ -21,3 +21,6 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     exec(blocks[1], namespace)
     namespace["trainer"].fit(namespace["Regressor"](), DataLoader(namespace["data"], batch_size=64))
     assert namespace["trainer"].global_step == 3 * 2 * 16
+    exec(blocks[2], namespace)  # the FSDP example builds its Trainer (fitting needs ranks)
+    assert type(namespace["trainer"].strategy).__name__ == "FSDPStrategy"
+    assert namespace["trainer"].strategy.shard_modules == (torch.nn.TransformerEncoderLayer,)
