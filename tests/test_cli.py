@@ -64,7 +64,7 @@ def test_help_lists_the_groups(tmp_path):
         (["model=nope"], "Could not find 'model/nope'"),
         (["~model._target_"], "The `model` config needs a `_target_`"),
         (["trainer.max_epochs=-2"], "max_epochs=-2 must be an int >= -1"),
-        (["strategy.name=fsdp"], "strategy.name='fsdp' is not known"),
+        (["strategy.name=deepspeed"], "strategy.name='deepspeed' is not known"),
         (["+trainer.unknown=1"], "Bad `trainer` config"),
         (["model._target_=distloop.examples.digits.Missing"], "Could not build `model`"),
     ],

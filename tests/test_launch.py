@@ -85,7 +85,7 @@ def test_two_nodes_on_one_machine_share_one_run_directory(tmp_path):
         (["strategy=ddp", "strategy.accelerator=cuda"], "needs CUDA, which this machine lacks"),
         (["launcher.nproc_per_node=2", "strategy=single_device"], "use strategy=ddp"),
         (["launcher.nnodes=2"], "needs launcher.rdzv_endpoint"),
-        (["strategy.name=fsdp"], "strategy.name='fsdp' is not known"),
+        (["strategy.name=deepspeed"], "strategy.name='deepspeed' is not known"),
         (["launcher.nproc_per_node=2", "strategy=ddp", "strategy.devices=4"], "disagrees with launcher"),
     ],
 )

@@ -408,7 +408,7 @@ class Returns(Linear):
         ({"limit_train_batches": 1.5}, "must be in \\[0, 1\\]"),
         ({"val_check_interval": 0.0}, "val_check_interval"),
         ({"precision": "8"}, "precision='8'"),
-        ({"strategy": "fsdp"}, "strategy='fsdp' is not known"),
+        ({"strategy": "deepspeed"}, "strategy='deepspeed' is not known"),
         ({"accelerator": "tpu"}, "accelerator='tpu'"),
         ({"devices": 2}, "only this one process runs"),
         ({"nan_loss": "maybe"}, "nan_loss"),
