@@ -34,7 +34,7 @@ from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecision
                                     register_fsdp_forward_method)
 from torch.optim import Optimizer
 
-from distloop.checkpoint import CheckpointError, split_sharded, stage_sharded, write_sharded
+from distloop.checkpoint import split_sharded, stage_sharded, write_sharded
 from distloop.errors import MisconfigurationError
 from distloop.optim import optimizer_state_by_index, optimizer_state_by_name
 from distloop.strategies.ddp import DDPStrategy
@@ -93,7 +93,7 @@ class FSDPStrategy(DDPStrategy):
             self._checkpoint_mesh = DeviceMesh.from_group(self._checkpoint_group, "cpu")
 
     def teardown(self) -> None:
-        self.checkpoint_writer.close()  # the writes use the checkpoint group: finish them first
+        # DDP's teardown finishes the background writes (they use the checkpoint group) first.
         group, self._checkpoint_group, self._checkpoint_mesh = self._checkpoint_group, None, None
         owns_default = self._owns_default_group
         super().teardown()
@@ -218,9 +218,7 @@ class FSDPStrategy(DDPStrategy):
             write_sharded(save, path, self._checkpoint_group, then)
         except Exception as err:  # noqa: BLE001 - every rank raises below, none waits for another
             error = error or err
-        if not self.reduce_boolean_decision(error is None):
-            raise error if error is not None else CheckpointError(
-                f"Another rank could not write its part of checkpoint {path}; its error says why.")
+        self.agree_on_write(error, f"Another rank could not write its part of checkpoint {path}; its error says why.")
 
     def _names(self, optimizer: Optimizer) -> list[str]:
         """The parameter names in ``optimizer``'s order (a parameter's index in its state dict)."""

@@ -252,9 +252,14 @@ class Strategy(ABC):
                     then(path)
             except Exception as err:  # noqa: BLE001 - every rank raises below, none waits for rank 0
                 error = err
-        if not self.reduce_boolean_decision(error is None):  # also the barrier: the file is there for all
-            raise error if error is not None else CheckpointError(
-                f"Global rank zero could not write checkpoint {path}; its error says why.")
+        # Also the barrier: the file is there for all.
+        self.agree_on_write(error, f"Global rank zero could not write checkpoint {path}; its error says why.")
+
+    def agree_on_write(self, error: BaseException | None, elsewhere: str) -> None:
+        """A collective: every rank raises if any rank's write failed, its own ``error`` or a
+        ``CheckpointError(elsewhere)``, so that none goes on to wait for a rank that stopped."""
+        if not self.reduce_boolean_decision(error is None):
+            raise error if error is not None else CheckpointError(elsewhere)
 
     def load_checkpoint(self, path: str) -> dict[str, Any]:
         """The checkpoint at ``path`` on this rank (``CheckpointError`` if it is not a valid one)."""
