@@ -50,7 +50,7 @@ class StateFn:
 
 
 # What ``fit`` restores before ``on_fit_start``, as Lightning does; the rest loads after it.
-MODULE_PARTS = ("state_dict", "callbacks")
+MODULE_PARTS = ("state_dict", "callbacks", "loggers")
 
 
 class RunState:
@@ -132,6 +132,9 @@ def trainer_state(trainer: Any) -> RunState:
     state.register("precision", strategy.precision)
     state.register("callbacks", StateFn(
         lambda: {cb.state_key: cb.state_dict() for cb in trainer.callbacks}, lambda s: _load_callbacks(trainer, s)))
+    state.register("loggers", StateFn(  # e.g. a tracker's run id, so a resumed job continues that run
+        lambda: {lg.state_key: state for lg in trainer.loggers if (state := lg.state_dict())},
+        lambda s: _load_loggers(trainer, s)))
     state.register("loops", StateFn(  # syncs logged values across ranks: a collective
         lambda: {"fit_loop": trainer.fit_loop.state_dict()}, lambda s: trainer.fit_loop.load_state_dict(s["fit_loop"])))
     state.register_record("config", lambda: trainer.config)  # a record of the run, not restored
@@ -184,6 +187,12 @@ def _load_callbacks(trainer: Any, saved: dict[str, Any]) -> None:
     for cb in trainer.callbacks:
         if cb.state_key in saved:
             cb.load_state_dict(saved[cb.state_key])
+
+
+def _load_loggers(trainer: Any, saved: dict[str, Any]) -> None:
+    for lg in trainer.loggers:
+        if lg.state_key in saved:
+            lg.load_state_dict(saved[lg.state_key])
 
 
 def _check_module_state(module: Any, saved: dict[str, Tensor], path: str) -> None:

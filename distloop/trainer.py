@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from distloop.arguments import check_trainer_arguments, val_check_batches
 from distloop.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
 from distloop.callbacks.model_summary import ModelSummary
+from distloop.callbacks.timer import Timer
 from distloop.control import Control, Request
 from distloop.data import num_batches, prepare_loader, seed_workers
 from distloop.datamodule import DataModule
@@ -106,9 +107,6 @@ class Trainer:
         if overfit_batches:
             raise MisconfigurationError("Trainer(overfit_batches=...) is not supported: pass a small Subset of the "
                                         "training data as both train and val dataloaders, with shuffle=False.")
-        if max_time is not None:
-            raise MisconfigurationError("Trainer(max_time=...) is not supported yet: stop from a callback with "
-                                        "`trainer.should_stop = True` (agreed across ranks).")
         if profiler is not None:
             rank_zero_warn(f"Trainer(profiler={profiler!r}): distloop has no profiler; running without one "
                            "(wrap `trainer.fit` in torch.profiler.profile to profile).")
@@ -176,6 +174,11 @@ class Trainer:
                                         "remove one of them.")
         if enable_checkpointing is not False and not any(isinstance(cb, ModelCheckpoint) for cb in callbacks):
             callbacks.append(ModelCheckpoint())  # Lightning's default: the newest epoch-end checkpoint
+        if max_time is not None:  # Lightning's shorthand for a step-interval Timer
+            if any(isinstance(cb, Timer) for cb in callbacks):
+                rank_zero_warn("Ignoring `Trainer(max_time=...)`: `callbacks` already holds a Timer.")
+            else:
+                callbacks.append(Timer(duration=max_time, interval="step"))
         if enable_model_summary is not False and not any(isinstance(cb, ModelSummary) for cb in callbacks):
             callbacks.append(ModelSummary())
         if enable_progress_bar is not False and not any(isinstance(cb, ProgressBar) for cb in callbacks):
@@ -705,11 +708,17 @@ class Trainer:
         return seed_workers(loader, self.global_rank)
 
     def _log_hyperparams(self) -> None:
-        """The module's and datamodule's saved hyperparameters to every logger, as Lightning does at each run."""
+        """The module's and datamodule's saved hyperparameters to every logger, as Lightning does at each
+        run, after the run's config when there is one (the command's). Called once the loggers' state is
+        restored, so a tracker continuing a run gets them in that run."""
         assert self.module is not None
         params = merged_hparams(self.module, self.datamodule)  # on every rank: a clash raises on all of them
-        if params and self.is_global_zero:
-            for lg in self.loggers:
+        if not self.is_global_zero:
+            return
+        for lg in self.loggers:
+            if self.config:
+                lg.log_hyperparams(self.config)
+            if params:
                 lg.log_hyperparams(params)
 
     # ------------------------------------------------------------ checkpoints

@@ -7,7 +7,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "distloop"
 
 LAYERS = {
     0: ["errors", "arguments", "optim", "control", "results", "progress", "data", "checkpoint", "rng",
-        "hparams", "stages"],
+        "hparams", "stages", "extras", "plot"],
     1: ["strategies", "module", "datamodule", "rank_zero"],
     2: ["loops", "examples"],
     3: ["callbacks", "loggers"],

@@ -48,6 +48,19 @@ class Logger(ABC):
     def group_separator(self) -> str:
         return "/"
 
+    @property
+    def state_key(self) -> str:
+        """Key of this logger's state in a checkpoint."""
+        return type(self).__qualname__
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue this logger's run (a tracker's run id); empty:
+        nothing is saved. Read on global rank zero, whose logger is the one that writes."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restored before the run logs anything, so the logger continues the saved run."""
+
     def log_graph(self, model: Any, input_array: Any = None) -> None:
         """Record the model's graph, where the logger can."""
 

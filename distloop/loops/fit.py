@@ -75,6 +75,7 @@ class FitLoop(Loop):
         trainer = self.trainer
         self.epoch_progress.increment_ready()
         trainer.hooks("on_train_epoch_start")
+        trainer.strategy.sync_trainable_parameters()  # a fine-tuning callback may have unfrozen some
         self.epoch_progress.increment_started()
 
     def advance(self) -> None:

@@ -178,6 +178,7 @@ class DDPStrategy(Strategy):
         self._ddp: DistributedDataParallel | None = None
         self._step: Callable[[Any, int], Any] | None = None  # manual optimization: the unwrapped step
         self._params: list[nn.Parameter] = []  # manual optimization: what manual_backward averages
+        self._trainable: list[bool] = []  # which parameters required grad when DDP was built
         self._buffers: list[Tensor] = []
         self._sync_blocked = False
 
@@ -221,13 +222,24 @@ class DDPStrategy(Strategy):
             broadcast_from_zero([*self._params, *self._buffers], self.group)  # as DDP's constructor does
             self._training_step = self._manual_training_step
             return self.module
+        self._wrap(_TrainingStep(self.module, step))
+        return self.module
+
+    def _wrap(self, step: nn.Module) -> None:
         device_ids = [self.root_device.index] if self.root_device.type == "cuda" else None
         self._ddp = DistributedDataParallel(
-            _TrainingStep(self.module, step), device_ids=device_ids, process_group=self.group,
+            step, device_ids=device_ids, process_group=self.group,
             find_unused_parameters=self.find_unused_parameters, static_graph=self.static_graph,
             gradient_as_bucket_view=self.gradient_as_bucket_view)
+        self._trainable = [p.requires_grad for p in step.parameters()]
         self._training_step = self._ddp
-        return self.module
+
+    def sync_trainable_parameters(self) -> None:
+        """DDP averages only the gradients of parameters that required grad when it was built:
+        after a fine-tuning callback unfreezes some, a new reducer takes them in (every rank
+        changes the same parameters at the same epoch start, so all rebuild together)."""
+        if self._ddp is not None and [p.requires_grad for p in self._ddp.module.parameters()] != self._trainable:
+            self._wrap(self._ddp.module)
 
     def teardown(self) -> None:
         # Our references go first, so that destroying a group frees it and joins its threads now.

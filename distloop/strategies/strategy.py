@@ -102,6 +102,11 @@ class Strategy(ABC):
         """Run the module's ``training_step`` through whatever wraps it (DDP hooks need the wrapper)."""
         return self._training_step(batch, batch_idx)
 
+    def sync_trainable_parameters(self) -> None:
+        """Called at every epoch start, after ``on_train_epoch_start``: a strategy whose gradient
+        sync was built for the parameters that required grad then (DDP's reducer) rebuilds it
+        when a callback has frozen or unfrozen some since."""
+
     def no_backward_sync(self, accumulating: bool) -> ContextManager:
         """While accumulating, skip the gradient all-reduce (DDP's ``no_sync``)."""
         return NO_CONTEXT
