@@ -10,7 +10,10 @@ Three ways to run, one run directory each:
   the config (only it writes Hydra's files) and broadcasts the run directory and resolved
   config to the others.
 
+At its end, global rank zero draws the logged curves (``metrics.csv``) into ``RUN_DIR/curves.png``.
+
 ``distloop consolidate SRC DST`` is not a run: it writes a checkpoint as one file.
+``distloop plot RUN_DIR [RUN_DIR ...] [-o OUT.png]`` is not a run either: it draws runs' curves.
 
 Errors a user can fix (bad config, bad module, a non-finite loss) end the command with a
 message on stderr and exit code 2, not a stack trace.
@@ -35,6 +38,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from distloop.checkpoint import CheckpointError, consolidate
 from distloop.errors import MisconfigurationError
+from distloop.loggers import CSVLogger
+from distloop.plot import plot_runs
 from distloop.strategies import DDPStrategy, FSDPStrategy
 from distloop.strategies.ddp import distributed_env, init_default_group
 from distloop.strategies.devices import (check_backend, check_one_process, check_processes_per_node,
@@ -120,10 +125,7 @@ def build(cfg: DictConfig, run_dir: str) -> tuple[Trainer, Any, Any]:
 def run(cfg: DictConfig, run_dir: str) -> float | None:
     """Train (and test) as the config says, on this rank; returns the monitored metric for sweeps."""
     trainer, module, datamodule = build(cfg, run_dir)
-    trainer.config = OmegaConf.to_container(cfg, resolve=True)
-    if trainer.is_global_zero:
-        for lg in trainer.loggers:
-            lg.log_hyperparams(trainer.config)
+    trainer.config = OmegaConf.to_container(cfg, resolve=True)  # logged by fit, with the module's hparams
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from(cfg.get("resume", "auto")))
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")}
     if cfg.get("test_after_fit", False):
@@ -131,10 +133,27 @@ def run(cfg: DictConfig, run_dir: str) -> float | None:
     if trainer.is_global_zero:
         summary = "  ".join(f"{k}={v:.4f}" for k, v in sorted(final.items()))
         print(f"distloop: done: {summary}\ndistloop: run directory {run_dir}", file=sys.stderr)
+        plot_curves(trainer, run_dir)
     objective = cfg.get("objective")
     if objective and objective in trainer.callback_metrics:
         return float(trainer.callback_metrics[objective])
     return None
+
+
+def plot_curves(trainer: Trainer, run_dir: str) -> None:
+    """Draw the run's ``metrics.csv`` into ``run_dir/curves.png``. Training has succeeded by now,
+    so a failure to draw (matplotlib missing, say) is a one-line note, not a failed run."""
+    logged = [os.path.join(lg.log_dir, "metrics.csv") for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+    logged = [path for path in logged if os.path.isfile(path)]
+    if not logged:  # logger=none or tensorboard: nothing to draw from
+        return
+    try:
+        out = plot_runs(logged[:1], os.path.join(run_dir, "curves.png"))
+    except Exception as err:  # noqa: BLE001 - a run that trained does not fail for its picture
+        why = err if isinstance(err, MisconfigurationError) else f"{type(err).__name__}: {err}"
+        print(f"distloop: warning: no curves.png: {why}", file=sys.stderr)
+        return
+    print(f"distloop: curves {out}", file=sys.stderr)
 
 
 def resume_from(resume: str) -> str | None:
@@ -277,8 +296,25 @@ def consolidate_command(argv: list[str]) -> None:
     print(f"distloop: wrote {args.dst}", file=sys.stderr)
 
 
+def plot_command(argv: list[str]) -> None:
+    """``distloop plot RUN_DIR ...``: the curves of one or several runs in one PNG."""
+    parser = argparse.ArgumentParser(
+        prog="distloop plot",
+        description="Draw the logged curves of one or several runs into one PNG: a subplot per metric family "
+                    "(loss with train and val together, acc, lr, ...), x axis the step; with several runs the "
+                    "same metric shares a subplot, one colour per run.")
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                        help="a run directory (its metrics.csv, or one up to two levels below it) or a metrics.csv")
+    parser.add_argument("-o", "--output", default="curves.png",
+                        help="the PNG to write (default: curves.png in the current directory)")
+    args = parser.parse_args(argv)
+    with user_errors():
+        out = plot_runs(args.runs, args.output)
+    print(f"distloop: wrote {out}", file=sys.stderr)
+
+
 # Commands that are not a training run (which takes Hydra overrides, not a command name).
-COMMANDS = {"consolidate": consolidate_command}
+COMMANDS = {"consolidate": consolidate_command, "plot": plot_command}
 
 
 def main() -> None:
