@@ -156,8 +156,10 @@ def test_end_of_run_draws_curves_or_says_why_not(tmp_path, monkeypatch, capsys):
 def test_a_distloop_run_ends_with_curves_png(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     result = run([sys.executable, "-m", "distloop", f"hydra.run.dir={tmp_path / 'run'}", "trainer.max_epochs=1",
-                  "test_after_fit=false", "callbacks=none"], 240, cwd=tmp_path, env=env)
+                  "test_after_fit=false", "callbacks=[lr_monitor]"], 240, cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     curves = tmp_path / "run" / "curves.png"
     assert png_size(str(curves))[0] > 500
     assert f"distloop: curves {curves}" in result.stderr
+    header = next(iter((tmp_path / "run").glob("**/metrics.csv"))).read_text().splitlines()[0]
+    assert "lr-AdamW" in header.split(",")  # the config group's LearningRateMonitor logged the schedule

@@ -12,8 +12,8 @@ README = Path(__file__).parent.parent / "README.md"
 def test_readme_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) == 4
-    compile(blocks[3], "README resume example", "exec")  # a fragment: it uses the names above
+    assert len(blocks) == 5
+    compile(blocks[4], "README resume example", "exec")  # a fragment: it uses the names above
     namespace: dict = {}
     exec(blocks[0], namespace)
     assert namespace["trainer"].global_step > 0
@@ -21,6 +21,11 @@ def test_readme_examples_run(tmp_path, monkeypatch):
     exec(blocks[1], namespace)
     namespace["trainer"].fit(namespace["Regressor"](), DataLoader(namespace["data"], batch_size=64))
     assert namespace["trainer"].global_step == 3 * 2 * 16
-    exec(blocks[2], namespace)  # the FSDP example builds its Trainer (fitting needs ranks)
+    exec(blocks[2], namespace)  # callbacks and loggers
+    namespace["trainer"].fit(namespace["Regressor"](), DataLoader(namespace["data"], batch_size=64))
+    assert "lr-AdamW" in namespace["trainer"].callback_metrics
+    assert (tmp_path / "logs" / "lightning_logs" / "version_0" / "metrics.csv").is_file()
+    assert any((tmp_path / "logs" / "tb" / "version_0").glob("events.out.tfevents.*"))
+    exec(blocks[3], namespace)  # the FSDP example builds its Trainer (fitting needs ranks)
     assert type(namespace["trainer"].strategy).__name__ == "FSDPStrategy"
     assert namespace["trainer"].strategy.shard_modules == (torch.nn.TransformerEncoderLayer,)
