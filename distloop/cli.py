@@ -38,7 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distloop.checkpoint import CheckpointError, consolidate
 from distloop.errors import MisconfigurationError
-from distloop.loggers import CSVLogger
+from distloop.loggers import CSVLogger, WandbLogger
 from distloop.plot import plot_runs
 from distloop.strategies import DDPStrategy, FSDPStrategy
 from distloop.strategies.ddp import distributed_env, init_default_group
@@ -134,6 +134,9 @@ def run(cfg: DictConfig, run_dir: str) -> float | None:
         summary = "  ".join(f"{k}={v:.4f}" for k, v in sorted(final.items()))
         print(f"distloop: done: {summary}\ndistloop: run directory {run_dir}", file=sys.stderr)
         plot_curves(trainer, run_dir)
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):
+            lg.finish()  # the next job of a --multirun sweep (same process) starts its own run
     objective = cfg.get("objective")
     if objective and objective in trainer.callback_metrics:
         return float(trainer.callback_metrics[objective])

@@ -22,5 +22,5 @@ def resolve_loggers(logger: bool | Logger | list[Logger] | None, default_root_di
     loggers = [logger] if isinstance(logger, Logger) else list(logger)
     for lg in loggers:
         if not isinstance(lg, Logger):
-            raise MisconfigurationError(f"logger={lg!r} is not a distloop Logger (CSVLogger, TensorBoardLogger).")
+            raise MisconfigurationError(f"logger={lg!r} is not a distloop Logger (CSVLogger, TensorBoardLogger, WandbLogger, MLFlowLogger, or a subclass of distloop.loggers.Logger).")
     return loggers
