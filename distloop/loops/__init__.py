@@ -56,8 +56,10 @@ saves ``preempted-step=N.ckpt`` and exits with ``Preempted`` (code 75).
 from distloop.loops.evaluation import EvaluationLoop
 from distloop.loops.fit import FitLoop
 from distloop.loops.loop import Loop
+from distloop.loops.manual_optimization import ManualOptimization
 from distloop.loops.optimization import AutomaticOptimization
 from distloop.loops.prediction import PredictionLoop
 from distloop.loops.training_epoch import TrainingEpochLoop
 
-__all__ = ["AutomaticOptimization", "EvaluationLoop", "FitLoop", "Loop", "PredictionLoop", "TrainingEpochLoop"]
+__all__ = ["AutomaticOptimization", "EvaluationLoop", "FitLoop", "Loop", "ManualOptimization", "PredictionLoop",
+           "TrainingEpochLoop"]

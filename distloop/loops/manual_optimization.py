@@ -46,11 +46,17 @@ class ManualOptimization:
         self._in_training_step = True
         try:
             with strategy.autocast():
-                outputs = strategy.training_step(batch, batch_idx)
+                outputs = self.training_step(trainer, batch, batch_idx)
         finally:
             self._in_training_step = False
             ctx.fx = None
         return batch_outputs(outputs)
+
+    def training_step(self, trainer: Any, batch: Any, batch_idx: int) -> Any:
+        """The module's ``training_step``, through the strategy. Optimizer steps taken in here count
+        as global steps; a subclass that drives the step its own way (the cookbook's yielding
+        training step) overrides this and returns what ``training_step`` would."""
+        return trainer.strategy.training_step(batch, batch_idx)
 
     def optimizer_step(self, optimizer: Optimizer, closure: Callable[[], Any], **kwargs: Any) -> Any:
         """What ``LoopOptimizer.step`` runs: counted as a global step when inside ``training_step``."""
