@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from _spawn import spawn
 from distloop import EarlyStopping, LoopModule, MisconfigurationError, ModelCheckpoint, ProgressBar, Trainer
-from distloop.callbacks import ModelSummary
+from distloop.callbacks import ModelSummary, TQDMProgressBar
 from distloop.checkpoint import load
 
 
@@ -206,7 +206,7 @@ def test_a_missing_monitor_after_validation_is_an_error(tmp_path):
 
 def test_callbacks_deep_copy_and_pickle_for_a_new_trainer(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path), monitor="val_loss")
-    trainer = fit(tmp_path / "root", [checkpoint, EarlyStopping("val_loss"), ModelSummary(), ProgressBar()],
+    trainer = fit(tmp_path / "root", [checkpoint, EarlyStopping("val_loss"), ModelSummary(), TQDMProgressBar()],
                   max_epochs=2)
     copies = copy.deepcopy(trainer.callbacks)
     assert [type(cb) for cb in copies] == [type(cb) for cb in trainer.callbacks]
@@ -219,7 +219,7 @@ def test_callbacks_deep_copy_and_pickle_for_a_new_trainer(tmp_path):
 
 def test_a_progress_bar_copy_writes_to_the_same_stream():
     stream = io.StringIO()
-    clone = copy.deepcopy(ProgressBar(stream=stream))
+    clone = copy.deepcopy(TQDMProgressBar(stream=stream))
     assert clone.stream is stream
 
 

@@ -1,12 +1,14 @@
 """ModelSummary: Lightning's layer table, from ``summarize`` and printed by the callback at the start of fit."""
 
+import sys
+
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from distloop import LoopModule, MisconfigurationError, Trainer
-from distloop.callbacks import ModelSummary, summarize
+from distloop.callbacks import ModelSummary, RichModelSummary, summarize
 from distloop.callbacks.model_summary import human_count
 
 
@@ -97,3 +99,31 @@ def test_a_bad_depth_says_what_to_use():
         ModelSummary(max_depth=-2)
     with pytest.raises(MisconfigurationError):
         summarize(Lit(), max_depth=1.5)
+
+
+def test_the_rich_summary_is_the_same_summary_as_a_table(capsys):
+    pytest.importorskip("rich")
+    err = fit_with([RichModelSummary(max_depth=2)], capsys)
+    rows = [[cell.strip() for cell in line.strip("│┃ ").split("│")] for line in err.splitlines() if "net.0" in line]
+    assert rows == [["1", "net.0", "Linear", "131 K", "train", "0"]]
+    for total in ("Trainable params: 132 K", "Non-trainable params: 0", "Total params: 132 K",
+                  "Total estimated model params size (MB): 0.530", "Modules in train mode: 3",
+                  "Modules in eval mode: 0", "Total FLOPs: 0"):
+        assert total in err
+    assert "Name" not in fit_with([RichModelSummary(max_depth=0)], capsys)
+
+
+def test_a_subclass_prints_the_summary_its_own_way(capsys):
+    class Short(ModelSummary):
+        @staticmethod
+        def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                      total_flops, **summarize_kwargs):
+            print(f"{total_parameters} params, {summarize_kwargs}", file=sys.stderr)
+
+    assert fit_with([Short(unit="params")], capsys) == f"{256 * 512 + 512 + 1024} params, {{'unit': 'params'}}\n"
+
+
+def test_without_rich_the_rich_summary_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "rich", None)
+    with pytest.raises(MisconfigurationError, match=r"RichModelSummary needs the `rich` package.*distloop\[rich\]"):
+        RichModelSummary()

@@ -117,7 +117,7 @@ class TrainingEpochLoop(Loop):
 
     def on_advance_end(self) -> None:
         trainer = self._trainer
-        if self._validates and self._should_validate():
+        if self._validates and self.should_validate():
             self.val_loop.run(trainer.val_dataloaders, trainer.num_val_batches)
             trainer.module.log_context.results = self.results
         if not self._accumulating:
@@ -143,7 +143,9 @@ class TrainingEpochLoop(Loop):
     def on_load_checkpoint(self, state_dict: dict) -> None:
         self.samples_seen = state_dict.get("samples_seen", 0)
 
-    def _should_validate(self) -> bool:
+    def should_validate(self) -> bool:
+        """Whether the batch just trained ends with a validation pass (``val_check_interval``,
+        ``check_val_every_n_epoch``); override it to validate on a schedule of your own."""
         trainer = self.trainer
         if (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch != 0:
             return False

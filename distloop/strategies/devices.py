@@ -16,7 +16,7 @@ import torch
 from distloop.errors import MisconfigurationError
 
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu")
-STRATEGIES = ("auto", "single_device", "ddp", "fsdp")
+STRATEGIES = ("auto", "single_device", "ddp", "ddp_find_unused_parameters_true", "fsdp")
 
 
 def _key(name: str, config: bool) -> str:

@@ -29,6 +29,9 @@ def resolve_strategy(strategy: str | Strategy, accelerator: str, devices: int | 
             f"`distloop launcher.nproc_per_node={devices} strategy=ddp` or `torchrun --nproc-per-node {devices}`.")
     if strategy == "fsdp":
         return FSDPStrategy(accelerator=accelerator, precision=precision)
+    if strategy == "ddp_find_unused_parameters_true":  # Lightning's name: some parameters may get no gradient
+        return DDPStrategy(accelerator=accelerator, precision=precision, **{**ddp_options,
+                                                                            "find_unused_parameters": True})
     if strategy == "ddp" or (strategy == "auto" and world_size > 1):
         return DDPStrategy(accelerator=accelerator, precision=precision, **ddp_options)
     check_one_process(strategy, world_size)
