@@ -606,12 +606,12 @@ class Trainer:
             raise MisconfigurationError(
                 "No training data: pass fit(model, train_dataloaders=...), a datamodule, or define "
                 f"`train_dataloader()` on {type(module).__name__}.")
-        self.train_dataloader = self._prepare(train, train=True)
+        self.train_dataloader = self.prepare_dataloader(train, train=True)
         self.num_training_batches = num_batches(self.train_dataloader, self.limit_train_batches, "train")
         if val_dataloaders is None:
             val_dataloaders = self._source_loader("val", module)
         loaders, self._val_single = loader_list(val_dataloaders)
-        self._val_loaders = [self._prepare(dl, train=False) for dl in loaders]
+        self._val_loaders = [self.prepare_dataloader(dl, train=False) for dl in loaders]
         self.num_val_batches = [num_batches(dl, self.limit_val_batches, "val") for dl in self._val_loaders]
         # Whether fit validates must be the same on every rank (a small shard may have no batch on one).
         self._validates = self.strategy.reduce_boolean_decision(any(n != 0 for n in self.num_val_batches), all=False) \
@@ -690,7 +690,7 @@ class Trainer:
             raise MisconfigurationError(
                 f"No {kind} dataloader: pass trainer.{stage}(model, dataloaders=...), a datamodule with "
                 f"`{kind}_dataloader()`, or define `{kind}_dataloader()` on {type(self.module).__name__}.")
-        return [self._prepare(dl, train=False) for dl in loaders], single
+        return [self.prepare_dataloader(dl, train=False) for dl in loaders], single
 
     def _source_loader(self, kind: str, module: LoopModule) -> Any:
         """``<kind>_dataloader()`` of the datamodule, else of the module; ``None`` when neither defines it."""
@@ -700,7 +700,10 @@ class Trainer:
                 return getattr(owner, name)()
         return None
 
-    def _prepare(self, loader: Iterable, train: bool) -> Iterable:
+    def prepare_dataloader(self, loader: Iterable, train: bool = True) -> Iterable:
+        """``loader`` as ``fit`` uses it: sharded over the ranks by a resumable sampler that records
+        the data position (``use_distributed_sampler``), workers seeded per rank and epoch. A loop
+        that trains on a loader of its own prepares it here, so the loader resumes exactly."""
         if self.use_distributed_sampler:
             seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", "0"))
             loader = prepare_loader(loader, num_replicas=self.world_size, rank=self.global_rank, seed=seed,
