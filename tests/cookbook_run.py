@@ -1,5 +1,5 @@
 """Runs loop-cookbook recipes under torchrun: for each, an uninterrupted run (``ROOT/NAME/ref``),
-then a run (``ROOT/NAME/killed``) in which global rank 1 is SIGKILLed after step ``KILL_STEP``;
+then a run (``ROOT/NAME/killed``) in which global rank 1 is SIGKILLed after its ``KILL_AFTER``-th training batch;
 torchrun restarts the job and the recipe resumes. The i-th recipe is killed on attempt i, so one
 job with ``--max-restarts=len(recipes)`` tests them all. Global rank zero saves each run's
 result as ``result.pt``; a recipe whose results are there is not run again."""
@@ -22,14 +22,16 @@ from distloop import Callback  # noqa: E402
 
 
 class KillOnAttempt(Callback):
-    """SIGKILLs global rank 1 after optimizer step ``step``, on torchrun attempt ``attempt`` only."""
+    """SIGKILLs global rank 1 after its ``batches``-th training batch (counted over every ``fit`` of
+    the recipe: a K-fold recipe fits once per fold), on torchrun attempt ``attempt`` only."""
 
-    def __init__(self, attempt: int, step: int) -> None:
-        self.attempt, self.step = attempt, step
+    def __init__(self, attempt: int, batches: int) -> None:
+        self.attempt, self.batches, self.seen = attempt, batches, 0
 
     def on_train_batch_end(self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.seen += 1
         this_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == self.attempt
-        if this_attempt and trainer.global_rank == 1 and trainer.global_step == self.step:
+        if this_attempt and trainer.global_rank == 1 and self.seen == self.batches:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -40,13 +42,13 @@ def save(result: dict, path: Path) -> None:
 
 
 def main(root: Path, recipes: list[tuple[str, int]]) -> None:
-    for attempt, (name, kill_step) in enumerate(recipes):
+    for attempt, (name, kill_after) in enumerate(recipes):
         recipe = importlib.import_module(name)
         ref, killed = root / name / "ref", root / name / "killed"
         if not (ref / "result.pt").exists():
             save(recipe.main(str(ref)), ref / "result.pt")
         if not (killed / "result.pt").exists():
-            save(recipe.main(str(killed), callbacks=[KillOnAttempt(attempt, kill_step)]), killed / "result.pt")
+            save(recipe.main(str(killed), callbacks=[KillOnAttempt(attempt, kill_after)]), killed / "result.pt")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,13 @@ from _commands import run
 
 HERE = Path(__file__).resolve().parent
 RECIPES = HERE.parent / "examples" / "loops"
-# recipe -> the global step after which rank 1 is killed (inside the recipe's own state)
+# recipe -> the training batch after which rank 1 is killed (inside the recipe's own state)
 KILL_AT = {
     "alternating_tasks": 20,  # in the second task's epoch (2), resumed at step 18 of its own loader
     "custom_hook": 11,        # mid-epoch, after the checkpoint at step 9: the counter resumes from it
-    "full_batch_lbfgs": 3,    # between two L-BFGS epochs
-    "yielding_gan": 10,       # mid-epoch (2 steps a batch), after the checkpoint at step 8
+    "full_batch_lbfgs": 3,    # between two L-BFGS epochs (an epoch is one batch)
+    "kfold": 45,              # in fold 2 of 3 (32 batches a fold), mid-epoch, resumed at its step 12
+    "yielding_gan": 5,        # mid-epoch (2 steps a batch), after the checkpoint at step 8
 }
 
 
