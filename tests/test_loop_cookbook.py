@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 RECIPES = HERE.parent / "examples" / "loops"
 # recipe -> the training batch after which rank 1 is killed (inside the recipe's own state)
 KILL_AT = {
+    "active_learning": 11,    # in round 2 of 3 (its fit: batches 7-15), resumed at that fit's step 4
     "alternating_tasks": 20,  # in the second task's epoch (2), resumed at step 18 of its own loader
     "custom_hook": 11,        # mid-epoch, after the checkpoint at step 9: the counter resumes from it
     "full_batch_lbfgs": 3,    # between two L-BFGS epochs (an epoch is one batch)
