@@ -302,3 +302,27 @@ def test_metric_objects_are_reattached_from_the_module_on_load():
     dst.load_state_dict(state)
     assert dst_module.total.compute() == 3.0
     assert dst.middle.results.metrics(on_step=False).log["total"] == 3.0
+
+
+# ------------------------------------------------------------ contract pieces the loop cookbook needed
+def test_prepare_dataloader_gives_a_loop_s_own_loader_the_resumable_sampler(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from distloop import Trainer
+    from distloop.data import ResumableSampler, set_epoch
+
+    trainer = Trainer(default_root_dir=tmp_path, seed=1)
+    loader = trainer.prepare_dataloader(DataLoader(TensorDataset(torch.arange(8)), batch_size=2, shuffle=True))
+    assert isinstance(loader.sampler, ResumableSampler)
+    set_epoch(loader, 0)
+    whole = [int(i) for (batch,) in loader for i in batch]
+    set_epoch(loader, 0, 4)  # resumed 4 samples into the epoch: the rest of the same order
+    assert [int(i) for (batch,) in loader for i in batch] == whole[4:] and sorted(whole) == list(range(8))
+
+
+def test_ddp_find_unused_parameters_true_is_lightning_s_name_for_it():
+    from distloop.strategies import DDPStrategy, resolve_strategy
+
+    strategy = resolve_strategy("ddp_find_unused_parameters_true", "cpu", "auto", "32")
+    assert isinstance(strategy, DDPStrategy) and strategy.find_unused_parameters
+    assert not resolve_strategy("ddp", "cpu", "auto", "32").find_unused_parameters
