@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from distloop.arguments import check_trainer_arguments, val_check_batches
-from distloop.callbacks import Callback, EarlyStopping, ModelCheckpoint, ProgressBar
+from distloop.callbacks import (Callback, EarlyStopping, ModelCheckpoint, ProgressBar, default_model_summary,
+                                default_progress_bar)
 from distloop.callbacks.model_summary import ModelSummary
 from distloop.callbacks.timer import Timer
 from distloop.control import Control, Request
@@ -180,9 +181,9 @@ class Trainer:
             else:
                 callbacks.append(Timer(duration=max_time, interval="step"))
         if enable_model_summary is not False and not any(isinstance(cb, ModelSummary) for cb in callbacks):
-            callbacks.append(ModelSummary())
+            callbacks.append(default_model_summary())
         if enable_progress_bar is not False and not any(isinstance(cb, ProgressBar) for cb in callbacks):
-            callbacks.append(ProgressBar())
+            callbacks.append(default_progress_bar())
         self.callbacks: list[Callback] = _checkpoints_last(callbacks)
         self.loggers: list[Logger] = resolve_loggers(logger, self.default_root_dir, self.is_global_zero)
 

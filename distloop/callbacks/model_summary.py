@@ -43,18 +43,31 @@ class Summary:
 
 class ModelSummary(Callback):
     """Prints the summary on global rank zero when ``fit`` starts; ``max_depth`` is how deep
-    the table goes into nested modules (-1: all of them; 0: no summary)."""
+    the table goes into nested modules (-1: all of them; 0: no summary); ``summarize_kwargs``
+    go to ``summarize`` (as Lightning's, for a subclass's own options)."""
 
     may_set_should_stop = False
 
-    def __init__(self, max_depth: int = 1) -> None:
+    def __init__(self, max_depth: int = 1, **summarize_kwargs: Any) -> None:
         _check_depth(max_depth)
         self._max_depth = max_depth
+        self._summarize_kwargs = summarize_kwargs
 
     def on_fit_start(self, trainer: Any, module: Any) -> None:
         if not self._max_depth or not trainer.is_global_zero:
             return
-        print(str(summarize(module, self._max_depth, _precision(trainer))), file=sys.stderr, flush=True)
+        found = summarize(module, self._max_depth, _precision(trainer))
+        self.summarize(found.columns, found.total_parameters, found.trainable_parameters, found.model_size,
+                       found.training_modes, found.total_flops, **self._summarize_kwargs)
+
+    @staticmethod
+    def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
+                  **summarize_kwargs: Any) -> None:
+        """Prints the summary: Lightning's override point, for a subclass that shows it its own way."""
+        summary = Summary(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                          total_flops)
+        print(format_table(summary), file=sys.stderr, flush=True)
 
 
 def summarize(module: nn.Module, max_depth: int = 1, precision: str = "32") -> Summary:
