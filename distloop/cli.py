@@ -146,9 +146,12 @@ def run(cfg: DictConfig, run_dir: str) -> float | None:
 def plot_curves(trainer: Trainer, run_dir: str) -> None:
     """Draw the run's ``metrics.csv`` into ``run_dir/curves.png``. Training has succeeded by now,
     so a failure to draw (matplotlib missing, say) is a one-line note, not a failed run."""
-    logged = [os.path.join(lg.log_dir, "metrics.csv") for lg in trainer.loggers if isinstance(lg, CSVLogger)]
-    logged = [path for path in logged if os.path.isfile(path)]
-    if not logged:  # logger=none or tensorboard: nothing to draw from
+    csv_loggers = [lg for lg in trainer.loggers if isinstance(lg, CSVLogger)]
+    if trainer.loggers and not csv_loggers:
+        print("distloop: no curves.png: it is drawn from metrics.csv; add the CSV logger "
+              "(e.g. logger=[csv,mlflow]) to get it.", file=sys.stderr)
+    logged = [path for lg in csv_loggers if os.path.isfile(path := os.path.join(lg.log_dir, "metrics.csv"))]
+    if not logged:  # logger=none, or nothing was logged
         return
     try:
         out = plot_runs(logged[:1], os.path.join(run_dir, "curves.png"))

@@ -11,7 +11,7 @@ import pytest
 from _commands import run
 from distloop import cli
 from distloop.errors import MisconfigurationError
-from distloop.loggers import CSVLogger
+from distloop.loggers import CSVLogger, TensorBoardLogger
 from distloop.plot import families, family, find_metrics, plot_runs, read_metrics
 
 # As CSVLogger writes it: sorted columns, a row per logging event, most cells empty.
@@ -150,6 +150,9 @@ def test_end_of_run_draws_curves_or_says_why_not(tmp_path, monkeypatch, capsys):
 
     cli.plot_curves(fake_trainer(tmp_path / "unlogged"), str(tmp_path / "unlogged"))  # no metrics.csv
     assert capsys.readouterr().err == "" and not (tmp_path / "unlogged" / "curves.png").exists()
+
+    cli.plot_curves(SimpleNamespace(loggers=[TensorBoardLogger(tmp_path, name="", version="tb")]), str(tmp_path))
+    assert "add the CSV logger" in capsys.readouterr().err and not (tmp_path / "curves.png").exists()
 
 
 @pytest.mark.e2e
