@@ -24,7 +24,7 @@ KILL_AT = {
     "alternating_tasks": 20,  # in the second task's epoch (2), resumed at step 18 of its own loader
     "custom_hook": 11,        # mid-epoch, after the checkpoint at step 9: the counter resumes from it
     "full_batch_lbfgs": 3,    # between two L-BFGS epochs (an epoch is one batch)
-    "kfold": 45,              # in fold 2 of 3 (32 batches a fold), mid-epoch, resumed at its step 12
+    "kfold": 45,              # in fold 2 of 3 (fold 1 stops early after 16 batches), mid-epoch
     "resume_at_validation": 9,  # right after the checkpoint at step 8, a validation boundary
     "validation_guided": 13,  # mid-epoch 2, resumed at step 12 with its halved learning rate and last loss
     "yielding_gan": 5,        # mid-epoch (2 steps a batch), after the checkpoint at step 8

@@ -2,13 +2,16 @@
 
 ``KFoldLoop`` is a loop around ``trainer.fit``: ``advance`` is one fold. Each fold trains from
 the same initial weights on the other folds' samples, validates on its own, is tested, and
-keeps its weights; at the end the folds' models are tested together, as an ensemble that
-averages their predictions. ``fit`` starts every fold clean (progress, logged values, fresh
-optimizers, a fresh ``EarlyStopping``), so nothing leaks from one fold into the next.
+keeps its weights (also in ``ROOT/fold-N.pt``); at the end the folds' models are tested
+together, as an ensemble that averages their predictions. ``fit`` starts every fold clean
+(progress, logged values, fresh optimizers, a fresh ``EarlyStopping``), so nothing leaks from
+one fold into the next: here the first fold stops early, after 2 of 6 epochs, and the second
+trains for 5.
 
 The loop's state (``current_fold``, the folds' test metrics and weights, from
-``on_save_checkpoint``) is a part of every checkpoint (``trainer.run_state.register``). A restarted job reads it from the newest checkpoint, so it
-continues inside the fold it was in, at the next batch, and does not retrain the folds before.
+``on_save_checkpoint``) is a part of every checkpoint (``trainer.run_state.register``). A
+restarted job reads it from the newest checkpoint, so it continues inside the fold it was in,
+at the next batch, and does not retrain the folds before.
 
     python examples/loops/kfold.py [ROOT]
     torchrun --nproc-per-node 2 examples/loops/kfold.py [ROOT]
@@ -64,6 +67,9 @@ class KFoldLoop(distloop.Loop):
         self.fold_metrics.append({**self.trainer.test(self.module, datamodule=self.data, verbose=False)[0],
                                   "epochs": epochs})
         self.fold_weights.append({k: v.detach().clone() for k, v in self.module.state_dict().items()})
+        if self.trainer.is_global_zero:  # the fold's model, for later use (the ensemble uses fold_weights)
+            torch.save(self.fold_weights[-1], os.path.join(self.trainer.default_root_dir,
+                                                           f"fold-{self.current_fold}.pt"))
 
     def on_advance_end(self) -> None:
         self.current_fold += 1
@@ -138,7 +144,7 @@ class Classifier(distloop.LoopModule):
         self.log("test_acc", (self(x).argmax(dim=1) == y).float().mean(), sync_dist=True)
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
+        return torch.optim.Adam(self.parameters(), lr=5e-2)
 
 
 class Ensemble(distloop.LoopModule):
@@ -159,7 +165,7 @@ def main(root: str, callbacks: list[distloop.Callback] = ()) -> dict[str, Any]:
     test accuracy and weights, and the ensemble's accuracy."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     trainer = distloop.Trainer(
-        max_epochs=4, default_root_dir=root, seed=0, deterministic=True, log_every_n_steps=2,
+        max_epochs=6, default_root_dir=root, seed=0, deterministic=True, log_every_n_steps=2,
         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, logger=False,
         callbacks=[distloop.EarlyStopping("val_loss", patience=1), *callbacks,
                    distloop.ModelCheckpoint(every_n_train_steps=3, save_last=True)])
