@@ -7,6 +7,7 @@ import json
 import os
 import struct
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,8 @@ def _records(path):
             pos += block - pos % block
             continue
         _checksum, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            return
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last chunk of one
@@ -100,12 +103,25 @@ def _items(items):
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
 
 
+def _finished_records(path, timeout=60.0):
+    """The records of a session's file once W&B's service has written its last (``exit``) record.
+
+    ``wandb.finish()`` can return before the service process has flushed the file on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(_records(path))
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        assert time.monotonic() < deadline, f"{path} has no exit record after {timeout} s"
+        time.sleep(0.05)
+
+
 def wandb_sessions(root):
     """Each offline session under ``root/wandb``, in the order they started: run id, project, config, history."""
     sessions = []
     for path in glob.glob(f"{root}/wandb/offline-run-*/run-*.wandb"):
         session = {"config": {}, "history": []}
-        for record in _records(path):
+        for record in _finished_records(path):
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 session.update(id=record.run.run_id, project=record.run.project,
