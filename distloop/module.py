@@ -5,17 +5,19 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-from typing import IO, Any, Callable, Iterator, Mapping, TypeVar
+from typing import TYPE_CHECKING, IO, Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
-from torchmetrics import Metric
 
 from distloop.errors import MisconfigurationError
 from distloop.hparams import HyperparametersMixin, load_module
 from distloop.optim import LoopOptimizer
-from distloop.results import ResultCollection
+from distloop.results import ResultCollection, is_metric
+
+if TYPE_CHECKING:
+    from torchmetrics import Metric
 
 # Hooks where ``self.log`` defaults to step values; everywhere else it defaults to epoch values.
 _STEP_HOOKS = frozenset({"training_step", "on_train_batch_start", "on_train_batch_end",
@@ -390,7 +392,7 @@ class LoopModule(HyperparametersMixin, nn.Module):
             args = (on_step, on_epoch, reduce_fx, sync_dist, prog_bar, logger, None)
             if size.__class__ is int and results.try_log(fx + "." + name, args, value, size):
                 return
-        if not isinstance(value, (Tensor, int, float)) and isinstance(value, Metric):
+        if not isinstance(value, (Tensor, int, float)) and is_metric(value):
             metric_attribute = metric_attribute or self._metric_attribute(value, name)
         elif on_epoch and batch_size is None:
             batch_size = ctx.batch_size
@@ -407,10 +409,10 @@ class LoopModule(HyperparametersMixin, nn.Module):
 
     def _metric_attribute(self, metric: Metric, name: str) -> str:
         if self._metric_names is None:
-            self._metric_names = {id(m): n for n, m in self.named_modules() if isinstance(m, Metric)}
+            self._metric_names = {id(m): n for n, m in self.named_modules() if is_metric(m)}
         found = self._metric_names.get(id(metric))
         if found is None:
-            self._metric_names = {id(m): n for n, m in self.named_modules() if isinstance(m, Metric)}
+            self._metric_names = {id(m): n for n, m in self.named_modules() if is_metric(m)}
             found = self._metric_names.get(id(metric))
         if found is None:
             raise MisconfigurationError(

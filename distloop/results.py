@@ -18,15 +18,25 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
 from distloop.errors import MisconfigurationError
+
+if TYPE_CHECKING:
+    from torchmetrics import Metric
+
+
+def is_metric(value: Any) -> bool:
+    """Whether ``value`` is a torchmetrics ``Metric``, without importing torchmetrics (seconds, with
+    SciPy): a user who made one has imported it."""
+    torchmetrics = sys.modules.get("torchmetrics")
+    return torchmetrics is not None and isinstance(value, torchmetrics.Metric)
 
 SyncFn = Callable[[Tensor, str], Tensor]
 
@@ -239,8 +249,8 @@ class ResultCollection:
                 v = v.reshape(())
             if not v.is_floating_point():
                 v = v.to(torch.get_default_dtype())
-        elif result.metric is not None or isinstance(value, Metric):
-            if not isinstance(value, Metric):
+        elif result.metric is not None or is_metric(value):
+            if not is_metric(value):
                 raise MisconfigurationError(
                     f"`{name}` was logged as a torchmetrics Metric in `{fx}` and then as "
                     f"{type(value).__name__}; log one kind of value per name."
@@ -318,7 +328,7 @@ class ResultCollection:
                 f"`reduce_fx={reduce_fx!r}` for `{name}` is not supported: use 'mean', 'sum', "
                 "'max' or 'min' (or torch.mean / torch.sum / torch.max / torch.min)."
             )
-        if isinstance(value, Metric) and metric_attribute is None:
+        if is_metric(value) and metric_attribute is None:
             raise MisconfigurationError(
                 f"`{name}` is a torchmetrics Metric: pass `metric_attribute`, the name under "
                 "which the module holds it, so its state can be restored from a checkpoint."

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
-from typing import Any, Generic, TypeVar
-
-from torchmetrics import Metric
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from distloop.errors import MisconfigurationError
 from distloop.progress import BaseProgress
-from distloop.results import ResultCollection
+from distloop.results import ResultCollection, is_metric
+
+if TYPE_CHECKING:
+    from torchmetrics import Metric
 
 T = TypeVar("T")
 
@@ -244,7 +245,7 @@ class Loop(ABC, Generic[T]):
         module = getattr(trainer, "module", None)
         attached = {}
         if module is not None:
-            attached = {n: m for n, m in module.named_modules() if isinstance(m, Metric)}
+            attached = {n: m for n, m in module.named_modules() if is_metric(m)}
         attached.update(metrics or {})
         results.load_state_dict(state, metrics=attached, sync_fn=trainer.metrics_sync_fn)
         if not getattr(trainer, "is_global_zero", True):
