@@ -22,6 +22,7 @@ from typing import Any, Callable, Collection, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from distloop.data.state import DataState
 from distloop.checkpoint import FORMAT, HEADER, VERSION, WEIGHTS_ONLY_PARTS, CheckpointError
 from distloop.errors import MisconfigurationError
 from distloop.hparams import checkpoint_hparams, hparams_name
@@ -137,6 +138,7 @@ def trainer_state(trainer: Any) -> RunState:
         lambda s: _load_loggers(trainer, s)))
     state.register("loops", StateFn(  # syncs logged values across ranks: a collective
         lambda: {"fit_loop": trainer.fit_loop.state_dict()}, lambda s: trainer.fit_loop.load_state_dict(s["fit_loop"])))
+    state.register("data", DataState(trainer))  # after the loops: the data fingerprint, stateful loaders per rank
     state.register_record("config", lambda: trainer.config)  # a record of the run, not restored
     # Lightning's keys for the saved hparams, as plain data: what load_from_checkpoint builds the
     # module and datamodule from; nothing to restore in a run, whose objects are built already.

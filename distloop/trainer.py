@@ -98,6 +98,7 @@ class Trainer:
         default_root_dir: str | os.PathLike | None = None,
         seed: int | None = None,
         nan_loss: str = "raise",
+        resume_with_other_data: bool = False,
     ) -> None:
         if plugins:
             raise MisconfigurationError("Trainer(plugins=...) is not supported: pass `precision=` and a Strategy.")
@@ -168,6 +169,7 @@ class Trainer:
         self.sync_batchnorm = sync_batchnorm
         self.seed = seed
         self.nan_loss = nan_loss
+        self.resume_with_other_data = resume_with_other_data  # a checkpoint's data fingerprint may differ
 
         callbacks = [callbacks] if isinstance(callbacks, Callback) else list(callbacks or [])
         if enable_checkpointing is False and any(isinstance(cb, ModelCheckpoint) for cb in callbacks):

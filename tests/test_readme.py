@@ -1,6 +1,7 @@
 """The README's Python examples run as written."""
 
 import re
+import textwrap
 from pathlib import Path
 
 import torch
@@ -12,8 +13,17 @@ README = Path(__file__).parent.parent / "README.md"
 def test_readme_examples_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(blocks) == 5
+    assert len(blocks) == 8
     compile(blocks[4], "README resume example", "exec")  # a fragment: it uses the names above
+    for fragment in blocks[6:]:  # ShardedIterable and sample_generator fragments: they use names of your own
+        compile(textwrap.dedent(fragment), "README data example", "exec")
+    lengths = [1 + i % 3 for i in range(30)]
+    buckets: dict = {"torch": torch, "DataLoader": DataLoader, "lengths": lengths,
+                     "dataset": torch.utils.data.TensorDataset(torch.arange(30))}
+    exec(textwrap.dedent(blocks[5]).replace("max_tokens=4096", "max_tokens=6"), buckets)  # the length-bucketing recipe
+    batches = list(buckets["LengthBuckets"](lengths, max_tokens=6))
+    assert sorted(i for b in batches for i in b) == list(range(30))
+    assert all(len({lengths[i] for i in b}) == 1 and len(b) * lengths[b[0]] <= 6 for b in batches)
     namespace: dict = {}
     exec(blocks[0], namespace)
     assert namespace["trainer"].global_step > 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
+from distloop.data import is_stateful
 from distloop.progress import BatchProgress
 
 _END = object()
@@ -19,10 +20,12 @@ _END = object()
 class BatchIterator:
     """Yields ``(batch, is_last)``, stopping after ``limit`` batches.
 
-    It fetches ahead only when it must: for data without a length, one batch ahead.
+    It fetches ahead only when it must: for data without a length, one batch ahead; a loader
+    that keeps its own state is then asked for it before each fetch ahead (``source_state``).
     """
 
     def __init__(self, iterable: Iterable, limit: float = math.inf) -> None:
+        self._source = iterable
         self._iterator = iter(iterable)
         self._limit = limit
         self.fetched = 0
@@ -30,7 +33,18 @@ class BatchIterator:
             self._count: float | None = min(limit, len(iterable))  # type: ignore[arg-type]
         except TypeError:
             self._count = None
-        self._next = self._fetch() if self._count is None else None
+        self._stateful = self._count is None and is_stateful(iterable)
+        self._state: Any = None
+        self._next = self._fetch_ahead() if self._count is None else None
+
+    def _fetch_ahead(self) -> Any:
+        if self._stateful:
+            self._state = self._source.state_dict()  # type: ignore[attr-defined]
+        return self._fetch()
+
+    def source_state(self) -> Any:
+        """The loader's state after the batches yielded so far (not those fetched ahead)."""
+        return self._state if self._stateful else self._source.state_dict()  # type: ignore[attr-defined]
 
     def _fetch(self) -> Any:
         if self.fetched >= self._limit:
@@ -61,7 +75,7 @@ class BatchIterator:
         batch = self._next
         if batch is _END:
             raise StopIteration
-        self._next = self._fetch()
+        self._next = self._fetch_ahead()
         return batch, self._next is _END
 
 

@@ -6,7 +6,7 @@ import math
 import warnings
 from typing import Any
 
-from distloop.data import resumes_mid_epoch, set_epoch
+from distloop.data import is_stateful, position_counter, resumes_mid_epoch, set_epoch
 from distloop.loops.evaluation import EvaluationLoop
 from distloop.loops.fetcher import BatchIterator, next_batch
 from distloop.loops.loop import Loop
@@ -37,7 +37,7 @@ class TrainingEpochLoop(Loop):
         self.samples_seen = 0  # global: summed over ranks, the data position within the epoch
         self._accumulating = False
         self._batches: BatchIterator | None = None
-        self._world_size = 1  # per run: read at every batch
+        self._count = position_counter(None, 1)  # per epoch: how far a batch moves the data position
         self._validates = False
 
     def connect(self, val_loop: EvaluationLoop | None = None) -> None:
@@ -75,17 +75,21 @@ class TrainingEpochLoop(Loop):
         self.results.device = trainer.strategy.root_device
         self.results.sync_fn = trainer.metrics_sync_fn
         trainer.module.log_context.results = self.results
-        self._world_size = trainer.world_size
         self._validates = trainer.has_validation
         if self.restarting and self.samples_seen and not resumes_mid_epoch(dataloader):
             warnings.warn(f"Resuming in the middle of an epoch ({self.samples_seen} samples in), but the training data "
-                          "is not a DataLoader distloop can position (an IterableDataset, a custom sampler, or "
-                          "use_distributed_sampler=False): the epoch's data starts again from its beginning.",
+                          "is not a DataLoader distloop can position (an IterableDataset not wrapped in "
+                          "distloop.data.ShardedIterable, a sampler without set_epoch/state_dict/generator, or "
+                          "use_distributed_sampler=False) and keeps no state of its own: the epoch's data starts "
+                          "again from its beginning.",
                           stacklevel=2)
         set_epoch(dataloader, trainer.current_epoch, self.samples_seen)
+        self._count = position_counter(dataloader, trainer.world_size)
         done = self.batch_progress.current.completed
+        # The whole epoch: the loader's length, which a positioned loader shortens by what was trained
+        # on; a loader that keeps its own state keeps its whole length, so the batches done are taken off.
         whole = type(trainer.limit_train_batches) is float and trainer.limit_train_batches == 1.0  # not the int 1
-        limit = math.inf if whole else trainer.num_training_batches - done
+        limit = math.inf if whole and not is_stateful(dataloader) else trainer.num_training_batches - done
         self._batches = BatchIterator(dataloader, limit)
 
     def advance(self, dataloader: Any) -> None:
@@ -110,7 +114,7 @@ class TrainingEpochLoop(Loop):
         trainer = self._trainer
         batch, batch_idx = next_batch(self._batches, self.batch_progress, trainer.strategy)
         size = batch_size_of(batch)
-        self.samples_seen += size * self._world_size
+        self.samples_seen += self._count(size)
         ctx = trainer.module.log_context
         ctx.batch, ctx.batch_size = batch, size
         return batch, batch_idx
@@ -136,6 +140,13 @@ class TrainingEpochLoop(Loop):
             return
         configs = [c for c in trainer.lr_scheduler_configs if not c.reduce_on_plateau]
         step_schedulers(configs, "epoch", trainer.current_epoch + 1, lambda: trainer.callback_metrics)
+
+    def loader_state(self) -> Any:
+        """A training loader that keeps its own state (``data.is_stateful``): that state after the
+        batches trained on, for the checkpoint's ``data`` part."""
+        if self._batches is not None:
+            return self._batches.source_state()
+        return self.trainer.train_dataloader.state_dict()
 
     def on_save_checkpoint(self) -> dict:
         return {"samples_seen": self.samples_seen}
