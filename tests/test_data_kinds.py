@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Sampler, SequentialSampler, TensorDataset
 
 import distloop
-from data_kinds import KINDS, N, Augmented, LengthBuckets, PositionalLoader, fit, stream
+from data_kinds import HAS_TORCHDATA, KINDS, N, Augmented, LengthBuckets, PositionalLoader, fit, stream
 from distloop import CheckpointError, MisconfigurationError
 from distloop.data import SampleIndex, ShardedIterable, prepare_loader, sample_generator, set_epoch
 
@@ -160,3 +160,13 @@ def test_the_override_resumes_on_other_data_at_the_saved_position(tmp_path, monk
     module = Recorder()
     trainer.fit(module, DataLoader(tensors(N + 8, 2), batch_size=4), ckpt_path="last")
     assert module.seen[0][1][0] == 16  # resumed at the step-4 checkpoint (16 samples used): on from sample 16
+
+
+@pytest.mark.skipif(not HAS_TORCHDATA, reason="torchdata is not installed")
+def test_a_stateful_loader_that_would_give_every_rank_the_whole_dataset_is_refused():
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    loader = StatefulDataLoader(Augmented(), batch_size=4, shuffle=True)
+    with pytest.raises(MisconfigurationError, match="StatefulDistributedSampler"):
+        prepare_loader(loader, num_replicas=2, rank=0, seed=0, train=True)
+    assert prepare_loader(loader, num_replicas=1, rank=0, seed=0, train=True) is loader  # one rank: its own state

@@ -220,7 +220,23 @@ def prepare_loader(loader: Any, *, num_replicas: int, rank: int, seed: int, trai
         return loader
     if not train and num_replicas == 1:
         return loader
+    if num_replicas > 1 and is_stateful(loader) and _whole_dataset_on_each_rank(loader):
+        raise MisconfigurationError(
+            f"This {type(loader).__name__} keeps its own state, and its {type(loader.sampler).__name__} would give "
+            f"each of the {num_replicas} ranks the whole dataset: give it a sampler that shards (torchdata's "
+            "StatefulDistributedSampler), or pass a plain DataLoader, which distloop shards and positions.")
     return with_resumable_sampler(loader, num_replicas=num_replicas, rank=rank, seed=seed, train=train)
+
+
+def _whole_dataset_on_each_rank(loader: Any) -> bool:
+    """Whether ``loader``'s sampler draws from the whole map-style dataset (not a rank's share of it)."""
+    sampler, dataset = getattr(loader, "sampler", None), getattr(loader, "dataset", None)
+    if sampler is None or hasattr(sampler, "num_replicas") or isinstance(dataset, IterableDataset):
+        return False
+    try:
+        return len(sampler) == len(dataset)
+    except TypeError:
+        return False
 
 
 def _iterable_batch_size(loader: DataLoader) -> int:
